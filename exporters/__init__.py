@@ -1,0 +1,1 @@
+"""dare-serve offline side: datasets, models, training and bundle export."""

@@ -1,0 +1,1 @@
+"""dare-serve feature store: user behavior sequences and cached FM embeddings."""

@@ -1,0 +1,1 @@
+"""dare-serve load testing with locust."""

@@ -1,0 +1,1 @@
+"""dare-serve: the online ranker (FastAPI) and the `dare-serve` command line."""
