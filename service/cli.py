@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Serve long-sequence recommendation models: data, training, bundles, serving.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Serve long-sequence recommendation models: data, training, bundles, serving.",
+)
 
 
 @app.callback()
@@ -19,6 +24,276 @@ def version() -> None:
     from importlib.metadata import version as dist_version
 
     typer.echo(dist_version("dare-serve"))
+
+
+def _fail(message: str) -> typer.Exit:
+    """Print a clear error on stderr and return the exit to raise (code 2: bad input)."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code=2)
+
+
+@app.command()
+def train(
+    data: Path = typer.Option(..., help="canonical dataset folder (events.parquet, impressions.parquet)"),
+    model: str = typer.Option(..., help="dare | coupled | fm"),
+    out: Path = typer.Option(..., help="bundle root; the bundle goes to OUT/<variant>/<version>/"),
+    variant: str | None = typer.Option(None, help="variant name (default: the model name)"),
+    fm_bundle: Path | None = typer.Option(None, help="an fm bundle whose user embeddings become an input"),
+    seed: int = typer.Option(0),
+    epochs: int = typer.Option(6, help="maximum epochs (early stopping on validation AUC)"),
+    batch_size: int = typer.Option(256),
+    lr: float = typer.Option(2e-3),
+    attention_dim: int = typer.Option(16, help="dare: attention embedding size"),
+    representation_dim: int = typer.Option(64, help="representation size (coupled: the shared size)"),
+    top_k: int = typer.Option(64, help="behaviors retrieved per candidate by stage 1"),
+    max_seq_len: int = typer.Option(2000, help="history events kept per impression (most recent)"),
+    fm_dim: int = typer.Option(32, help="fm: user embedding size"),
+    patience: int = typer.Option(2, help="epochs without validation AUC gain before stopping"),
+    max_train_samples: int | None = typer.Option(None, help="subsample the training split"),
+    progress: bool = typer.Option(True, help="progress bars and log lines on stderr"),
+) -> None:
+    """Train a model, evaluate it on the time-based test split, export a bundle; prints one JSON line."""
+    import orjson
+
+    from exporters.bundle import BundleError
+    from exporters.dataset import DatasetError
+    from exporters.train import TrainConfig, nan_to_none
+    from exporters.train import train as run_training
+
+    if model not in ("dare", "coupled", "fm"):
+        raise _fail(f"--model must be dare, coupled or fm, not {model!r}")
+    if model == "fm" and fm_bundle is not None:
+        raise _fail("--fm-bundle is an input of dare/coupled, not of fm")
+    torch_threads()
+    cfg = TrainConfig(
+        data=data,
+        model=model,
+        out=out,
+        variant=variant,
+        fm_bundle=fm_bundle,
+        seed=seed,  # type: ignore[arg-type]
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        attention_dim=attention_dim,
+        representation_dim=representation_dim,
+        top_k=top_k,
+        max_seq_len=max_seq_len,
+        fm_dim=fm_dim,
+        patience=patience,
+        max_train_samples=max_train_samples,
+        progress=progress,
+    )
+    try:
+        result = run_training(cfg)
+    except (DatasetError, BundleError, FileNotFoundError, ValueError) as e:
+        raise _fail(str(e)) from None
+    typer.echo(orjson.dumps(nan_to_none(result)).decode())
+
+
+def torch_threads() -> None:
+    """Deterministic CPU training: a fixed intra-op thread count (results depend on it)."""
+    import os
+
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("DARE_TRAIN_THREADS", str(min(4, os.cpu_count() or 1)))))
+
+
+@app.command("fm-embed")
+def fm_embed(
+    fm_bundle: Path = typer.Option(..., help="the fm bundle folder"),
+    data: Path = typer.Option(..., help="dataset folder whose events.parquet gives the histories"),
+    redis_url: str | None = typer.Option(None, envvar="DARE_REDIS_URL", help="write to this Redis"),
+    cluster: bool = typer.Option(False, help="the Redis URL points at a Redis Cluster"),
+    out: Path | None = typer.Option(None, help="write a parquet file instead of Redis"),
+    activate: bool = typer.Option(True, help="switch the feature store's active FM version to this one"),
+    progress: bool = typer.Option(True),
+) -> None:
+    """Compute FM user embeddings for every user and store them, tagged with the FM version."""
+    import asyncio
+    import time
+
+    import orjson
+    import pandas as pd
+
+    from exporters.bundle import BundleError, load_bundle
+    from exporters.fm_embed import compute_user_embeddings, write_embeddings_file
+
+    if (redis_url is None) == (out is None):
+        raise _fail("give exactly one of --redis-url and --out")
+    t0 = time.time()
+    try:
+        bundle = load_bundle(fm_bundle)
+        events = pd.read_parquet(data / "events.parquet", columns=["user_id", "item_id", "timestamp"])
+        emb = compute_user_embeddings(bundle, events, progress=progress)
+    except (BundleError, FileNotFoundError, ValueError) as e:
+        raise _fail(str(e)) from None
+    if out is not None:
+        write_embeddings_file(emb, out)
+        target = str(out)
+    else:
+        from feature_store.errors import FeatureStoreError
+        from feature_store.factory import open_feature_store
+
+        async def write() -> None:
+            store = open_feature_store(redis_url, cluster=cluster, timeout_s=10.0)
+            try:
+                await store.write_fm_embeddings(
+                    emb.fm_version, emb.user_ids, emb.vectors, written_at=emb.written_at
+                )
+                if activate:
+                    await store.set_active_fm_version(emb.fm_version)
+            finally:
+                await store.aclose()
+
+        try:
+            asyncio.run(write())
+        except FeatureStoreError as e:
+            raise _fail(f"feature store: {e}") from None
+        target = "redis"
+    typer.echo(
+        orjson.dumps(
+            {
+                "fm_version": emb.fm_version,
+                "users": len(emb.user_ids),
+                "dim": int(emb.vectors.shape[1]),
+                "target": target,
+                "seconds": round(time.time() - t0, 2),
+            }
+        ).decode()
+    )
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Datasets in the canonical form: synthetic or converted.")
+app.add_typer(data_app, name="data")
+
+
+def _data_summary(meta: dict, out: Path, t0: float) -> str:
+    import json
+    import time
+
+    summary = {
+        "out": str(out),
+        "source": meta.get("source"),
+        **meta.get("signal", {}),
+        **meta.get("counts", {}),
+        "seconds": round(time.time() - t0, 2),
+    }
+    return json.dumps(summary)
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Path = typer.Option(..., help="output dataset folder"),
+    users: int | None = typer.Option(None, help="users (default 2000)"),
+    items: int | None = typer.Option(None, help="items (default 20000)"),
+    categories: int | None = typer.Option(None, help="categories (default 100)"),
+    max_seq_len: int | None = typer.Option(None, help="longest user sequence (default 2000)"),
+    min_seq_len: int | None = typer.Option(None, help="shortest user sequence (default 20)"),
+    impressions_per_user: float | None = typer.Option(None, help="mean impressions per user (default 24)"),
+    seed: int | None = typer.Option(None, help="random seed (default 0)"),
+) -> None:
+    """Write a synthetic dataset with hidden item themes and related.parquet (truth); prints one JSON line."""
+    import time
+
+    from exporters.synth import SynthConfig, write_synth
+
+    given = {
+        "users": users,
+        "items": items,
+        "categories": categories,
+        "max_seq_len": max_seq_len,
+        "min_seq_len": min_seq_len,
+        "impressions_per_user": impressions_per_user,
+        "seed": seed,
+    }
+    t0 = time.time()
+    try:
+        cfg = SynthConfig(**{k: v for k, v in given.items() if v is not None})
+        cfg.validate()
+        typer.echo(f"generating {cfg.users} users, {cfg.items} items into {out}", err=True)
+        meta = write_synth(out, cfg)
+    except (ValueError, OSError) as e:
+        raise _fail(str(e)) from None
+    typer.echo(_data_summary(meta, out, t0))
+
+
+@data_app.command("convert")
+def data_convert(
+    fmt: str = typer.Option(..., "--format", help="movielens | taobao"),
+    path: Path = typer.Option(..., help="MovieLens folder, or Taobao UserBehavior.csv (or its folder)"),
+    out: Path = typer.Option(..., help="output dataset folder"),
+    max_users: int | None = typer.Option(None, help="keep only the first N users by id"),
+    seed: int = typer.Option(0, help="seed of Taobao's sampled negatives"),
+) -> None:
+    """Convert a public dataset into the canonical form; prints one JSON line."""
+    import time
+
+    from exporters.convert import convert_to_folder
+
+    if fmt not in ("movielens", "taobao"):
+        raise _fail(f"--format must be movielens or taobao, not {fmt!r}")
+    if not path.exists():
+        raise _fail(f"{path}: not found")
+    t0 = time.time()
+    typer.echo(f"converting {fmt} from {path} into {out}", err=True)
+    try:
+        meta = convert_to_folder(fmt, path, out, max_users=max_users, seed=seed)
+    except (ValueError, OSError) as e:
+        raise _fail(str(e)) from None
+    typer.echo(_data_summary(meta, out, t0))
+
+
+@app.command()
+def ingest(
+    data: Path = typer.Option(..., help="dataset folder holding events.parquet"),
+    redis_url: str | None = typer.Option(None, envvar="DARE_REDIS_URL", help="load into this Redis"),
+    cluster: bool = typer.Option(False, help="the Redis URL points at a Redis Cluster"),
+    namespace: str = typer.Option("dare", envvar="DARE_REDIS_NAMESPACE", help="key prefix"),
+    batch_users: int = typer.Option(1000, help="users per pipeline"),
+    progress: bool = typer.Option(True, help="progress bar on stderr"),
+) -> None:
+    """Load behavior sequences into Redis (replacing, so reruns are idempotent); prints one JSON line."""
+    import asyncio
+    import dataclasses
+
+    import orjson
+    import pandas as pd
+
+    from feature_store.errors import FeatureStoreError
+    from feature_store.factory import open_feature_store
+    from feature_store.ingest import ingest_events
+
+    if not redis_url:
+        raise _fail(
+            "no Redis to load into: pass --redis-url or set DARE_REDIS_URL "
+            "(the in-memory store lives inside the serving process; `dare-serve serve` fills it)"
+        )
+    path = data / "events.parquet"
+    try:
+        events = pd.read_parquet(path, columns=["user_id", "item_id", "timestamp"])
+    except (FileNotFoundError, OSError, ValueError, KeyError) as e:
+        raise _fail(f"cannot read {path}: {e}") from None
+
+    async def load() -> dict[str, float]:
+        # A batch job: a generous per-pipeline timeout instead of the serving default.
+        store = open_feature_store(redis_url, cluster=cluster, timeout_s=30.0, namespace=namespace)
+        try:
+            return dataclasses.asdict(
+                await ingest_events(store, events, batch_users=batch_users, progress=progress)
+            )
+        finally:
+            await store.aclose()
+
+    try:
+        stats = asyncio.run(load())
+    except ValueError as e:  # includes InvalidFeatureData: values the store cannot hold
+        raise _fail(f"{path}: {e}") from None
+    except FeatureStoreError as e:
+        typer.echo(f"error: feature store: {e}", err=True)
+        raise typer.Exit(code=1) from None
+    typer.echo(orjson.dumps(stats).decode())
 
 
 if __name__ == "__main__":

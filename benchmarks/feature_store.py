@@ -1,0 +1,240 @@
+"""Feature store benchmark: read latency, batched vs sequential reads, appends, ingest rate, memory.
+
+Fixed seeds and sizes; side-by-side ratios from one run. Not a test. Starts a private redis-server
+on a free loopback port unless --redis-url is given (a scratch namespace is used and deleted).
+
+    .venv/bin/python benchmarks/feature_store.py [--redis-url URL [--cluster]] [--quick]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as a file, this folder would come first on sys.path and this module would shadow the
+    # feature_store package; put the repository root there instead.
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+from collections.abc import Awaitable, Callable  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import redis  # noqa: E402
+
+from feature_store import codec  # noqa: E402
+from feature_store.base import FeatureStore, Sequence  # noqa: E402
+from feature_store.factory import open_feature_store  # noqa: E402
+from feature_store.ingest import ingest_events  # noqa: E402
+from feature_store.redis_store import RedisFeatureStore  # noqa: E402
+
+SEED = 20240601
+T0 = 1_700_000_000
+LONG_LEN = 10_000
+BATCH_USERS, BATCH_LEN = 32, 2_000
+FM_DIM = 64
+
+
+def make_sequence(rng: np.random.Generator, n: int) -> Sequence:
+    """n events: random item ids, increasing timestamps."""
+    items = rng.integers(1, 10**9, n, dtype=np.int64)
+    return Sequence(items, T0 + np.cumsum(rng.integers(1, 60, n)).astype(np.int64))
+
+
+def make_events(rng: np.random.Generator, n_events: int, n_users: int, prefix: str) -> pd.DataFrame:
+    """A canonical events table sorted by user and time: n_users with n_events / n_users each."""
+    per_user = n_events // n_users
+    users = np.repeat(np.array([f"{prefix}-{i:07d}" for i in range(n_users)], dtype=object), per_user)
+    ts = T0 + np.tile(np.arange(per_user, dtype=np.int64) * 30, n_users)
+    return pd.DataFrame({"user_id": users, "item_id": rng.integers(1, 10**9, users.size), "timestamp": ts})
+
+
+async def timed(fn: Callable[[], Awaitable[object]], n: int, warmup: int = 20) -> np.ndarray:
+    """Wall times in milliseconds of n sequential awaits of fn."""
+    for _ in range(warmup):
+        await fn()
+    out = np.empty(n)
+    for i in range(n):
+        t = time.perf_counter()
+        await fn()
+        out[i] = (time.perf_counter() - t) * 1e3
+    return out
+
+
+class Table:
+    """Collects rows and prints them aligned."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, str, str]] = []
+
+    def latency(self, name: str, ms: np.ndarray, note: str = "") -> float:
+        p50, p99 = np.percentile(ms, [50, 99])
+        self.rows.append((name, f"{p50:.3f}", f"{p99:.3f}", note))
+        return float(p50)
+
+    def line(self, name: str, value: str, note: str = "") -> None:
+        self.rows.append((name, value, "", note))
+
+    def print(self, title: str) -> None:
+        head = ("measure", "p50 ms / value", "p99 ms", "note")
+        widths = [max(len(r[i]) for r in [head, *self.rows]) for i in range(4)]
+        print(f"\n{title}")
+        for row in [head, tuple("-" * w for w in widths), *self.rows]:
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+async def bench_reads(
+    store: FeatureStore, raw: redis.asyncio.Redis | None, n: int, table: Table, label: str
+) -> None:
+    rng = np.random.default_rng(SEED)
+    long_seq = make_sequence(rng, LONG_LEN)
+    users = [f"batch-{i}" for i in range(BATCH_USERS)]
+    await store.replace_sequences({"long": long_seq, **{u: make_sequence(rng, BATCH_LEN) for u in users}})
+    vectors = rng.standard_normal((BATCH_USERS + 1, FM_DIM)).astype(np.float32)
+    await store.write_fm_embeddings("fm-1", [*users, "long"], vectors)
+    await store.set_active_fm_version("fm-1")
+    got = await store.read_sequence("long")
+    assert np.array_equal(got.items, long_seq.items) and np.array_equal(got.timestamps, long_seq.timestamps)
+
+    p_long = table.latency(
+        f"{label}: read_sequence, 10,000 events", await timed(lambda: store.read_sequence("long"), n)
+    )
+    if raw is not None and isinstance(store, RedisFeatureStore):
+        key = store.keys.sequence("long")
+        p_raw = table.latency(
+            f"{label}: raw redis-py GETRANGE, same 120 kB",
+            await timed(lambda: raw.getrange(key, -120_000, -1), n),
+        )
+        table.line(
+            f"{label}: store / raw GETRANGE",
+            f"{p_long / p_raw:.2f}x",
+            "the store decodes too; raw returns bytes",
+        )
+    blob = long_seq.items.size * codec.EVENT_BYTES
+    data = codec.encode_events(long_seq.items, long_seq.timestamps)
+    t = time.perf_counter()
+    for _ in range(n):
+        codec.decode_events(data)
+    table.line(
+        f"{label}: decode only, 10,000 events",
+        f"{(time.perf_counter() - t) / n * 1e3:.3f}",
+        f"{blob:,} bytes",
+    )
+
+    p_batch = table.latency(
+        f"{label}: read_users, 32 users x 2,000 + FM",
+        await timed(lambda: store.read_users(users), max(n // 4, 50)),
+    )
+
+    async def sequential() -> None:
+        for u in users:
+            await store.read_users([u])
+
+    async def concurrent() -> None:
+        await asyncio.gather(*(store.read_users([u]) for u in users))
+
+    p_seq = table.latency(
+        f"{label}: 32 sequential read_users([u])", await timed(sequential, max(n // 20, 20), 3)
+    )
+    p_conc = table.latency(
+        f"{label}: 32 concurrent read_users([u])", await timed(concurrent, max(n // 20, 20), 3)
+    )
+    table.line(f"{label}: batched-32 speed-up vs sequential", f"{p_seq / p_batch:.1f}x")
+    table.line(f"{label}: batched-32 speed-up vs concurrent", f"{p_conc / p_batch:.1f}x")
+
+    one = (np.array([1], np.int64), np.array([T0 + 10**7], np.int64))
+    table.latency(
+        f"{label}: append 1 event, 2,000 stored", await timed(lambda: store.append_events(users[0], *one), n)
+    )
+    table.latency(
+        f"{label}: append 1 event at the 10,000 cap (trims)",
+        await timed(lambda: store.append_events("long", *one), n),
+    )
+
+
+async def bench_ingest(
+    store: FeatureStore,
+    n_events: int,
+    n_users: int,
+    table: Table,
+    label: str,
+    raw: redis.asyncio.Redis | None,
+) -> float:
+    df = make_events(np.random.default_rng(SEED + n_users), n_events, n_users, prefix=f"ingest{n_users}")
+    before = (await raw.info("memory"))["used_memory"] if raw is not None else 0
+    first = await ingest_events(store, df, progress=False)
+    if raw is not None:
+        used = (await raw.info("memory"))["used_memory"] - before
+        per_user = n_events // n_users
+        table.line(
+            f"{label}: memory per event, users of {per_user:,} events",
+            f"{used / n_events:.2f} B",
+            f"{used / n_users:,.0f} B per user incl. key overhead (payload {per_user * 12:,} B)",
+        )
+    again = await ingest_events(store, df, progress=False)
+    table.line(
+        f"{label}: ingest {first.events:,} events / {first.users:,} users",
+        f"{first.events_per_s:,.0f} ev/s",
+        f"{first.seconds:.2f}s; rerun (idempotent) {again.events_per_s:,.0f} ev/s",
+    )
+    return first.events_per_s
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--redis-url", help="use this Redis instead of a private redis-server")
+    parser.add_argument("--cluster", action="store_true", help="--redis-url is a Redis Cluster node")
+    parser.add_argument("--quick", action="store_true", help="fewer iterations and 200k ingest events")
+    args = parser.parse_args()
+    n = 300 if args.quick else 2_000
+    n_events, n_users = (200_000, 1_000) if args.quick else (1_000_000, 5_000)
+
+    proc = None
+    url = args.redis_url
+    if url is None:
+        from tests.redis_proc import RedisProcess
+
+        proc = RedisProcess().start()
+        url = proc.url
+    namespace = f"bench{uuid.uuid4().hex[:8]}"
+    table = Table()
+    try:
+        store = open_feature_store(url, cluster=args.cluster, timeout_s=5.0, namespace=namespace)
+        raw = None if args.cluster else redis.asyncio.Redis.from_url(url)
+        try:
+            await bench_reads(store, raw, n, table, "redis")
+            rate = await bench_ingest(store, n_events, n_users, table, "redis", raw)
+            # The shape of the capacity estimate in docs/feature-store.md: users of 2,000 events.
+            await bench_ingest(store, n_events, n_events // 2_000, table, "redis", raw)
+            table.line("redis: ingest goal (>= 200,000 ev/s)", "met" if rate >= 200_000 else "MISSED")
+        finally:
+            if raw is not None and args.redis_url:
+                async for key in raw.scan_iter(match=f"{namespace}:*", count=1000):
+                    await raw.delete(key)
+            if raw is not None:
+                await raw.aclose()
+            await store.aclose()
+        memory = open_feature_store(None)
+        await bench_reads(memory, None, n, table, "memory")
+        await bench_ingest(memory, n_events, n_users, table, "memory", None)
+    finally:
+        if proc is not None:
+            proc.cleanup()
+    server = f"redis-server at {url}" if args.redis_url else "private redis-server on loopback"
+    title = (
+        f"feature store benchmark: {server}, python {platform.python_version()}, "
+        f"{os.cpu_count()} CPUs, redis-py {redis.__version__}, seed {SEED}"
+    )
+    table.print(title)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

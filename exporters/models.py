@@ -1,0 +1,292 @@
+"""PyTorch models: the two-stage DARE ranker, its coupled (TWIN-style) control arm, and the FM.
+
+Stage 1 of the ranker scores every history behavior against the target with an inner product of
+*attention* vectors plus a per-behavior time bias, and keeps the top K. Stage 2 softmax-attends
+over those K and aggregates target-aware *representations* (behavior repr * target repr).
+
+The time term: each behavior carries an attention time vector tau(bucket) and the target carries
+a learned constant vector tau_0 (its own time gap is always zero), so <tau_0, tau(bucket)> is a
+per-behavior bias that does not depend on the target. It folds into the search as one extra
+dimension: query [a_target, 1] against key [a_behavior, bias(bucket)], and stage 1 stays a pure
+inner-product search over the FAISS index of item attention vectors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from exporters.features import N_TIME_BUCKETS
+
+ModelKind = Literal["dare", "coupled", "fm"]
+
+# A finite "minus infinity": an all-padding row must give zero weights, not NaN.
+_MASKED = -1e9
+
+
+@dataclass
+class RankerConfig:
+    """Sizes of a two-stage ranker (`dare` or `coupled`)."""
+
+    kind: Literal["dare", "coupled"]
+    n_items: int
+    n_categories: int
+    attention_dim: int = 16
+    representation_dim: int = 64
+    top_k: int = 64
+    fm_dim: int = 0
+    mlp: tuple[int, ...] = (128, 64)
+    n_time_buckets: int = N_TIME_BUCKETS
+    item_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind == "coupled":
+            # one shared table: the attention dimension is the representation dimension
+            self.attention_dim = self.representation_dim
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FmConfig:
+    """Sizes of the foundation model."""
+
+    n_items: int
+    n_categories: int
+    dim: int = 64
+    heads: int = 4
+    fm_dim: int = 32
+    mlp: tuple[int, ...] = (128, 64)
+    n_time_buckets: int = N_TIME_BUCKETS
+    kind: Literal["fm"] = field(default="fm")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _mlp(sizes: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes[:-2], sizes[1:-1], strict=True):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    layers.append(nn.Linear(sizes[-2], sizes[-1]))
+    return nn.Sequential(*layers)
+
+
+def _embedding(n: int, dim: int, std: float) -> nn.Embedding:
+    emb = nn.Embedding(n, dim)
+    nn.init.normal_(emb.weight, std=std)
+    return emb
+
+
+class TwoStageRanker(nn.Module):
+    """DARE (separate attention and representation tables) or coupled (one shared table)."""
+
+    def __init__(self, cfg: RankerConfig, row_category: np.ndarray) -> None:
+        super().__init__()
+        if len(row_category) != cfg.n_items:
+            raise ValueError(f"row_category has {len(row_category)} rows, expected n_items={cfg.n_items}")
+        self.cfg = cfg
+        self.register_buffer("row_category", torch.as_tensor(row_category, dtype=torch.long))
+        d_r, d_a = cfg.representation_dim, cfg.attention_dim
+        self.repr_item = _embedding(cfg.n_items, d_r, 0.05)
+        self.repr_cat = _embedding(cfg.n_categories, d_r, 0.05)
+        self.repr_time = _embedding(cfg.n_time_buckets, d_r, 0.05)
+        if cfg.kind == "dare":
+            self.attn_item = _embedding(cfg.n_items, d_a, 0.05)
+            self.attn_cat = _embedding(cfg.n_categories, d_a, 0.05)
+            self.attn_time = _embedding(cfg.n_time_buckets, d_a, 0.05)
+        else:
+            self.attn_item, self.attn_cat, self.attn_time = self.repr_item, self.repr_cat, self.repr_time
+        # Dropout on the item-level part of every embedding: the sparse item rows overfit fast,
+        # the category rows generalize; this makes the model lean on both.
+        self.item_dropout = nn.Dropout(cfg.item_dropout)
+        self.target_time = nn.Parameter(torch.randn(d_a) * 0.05)
+        self.scale = 1.0 / math.sqrt(d_a)
+        fm_in = 0
+        if cfg.fm_dim:
+            self.fm_proj = nn.Linear(cfg.fm_dim, d_r)
+            fm_in = d_r + 1
+        self.head = _mlp([2 * d_r + 2 + fm_in, *cfg.mlp, 1])
+
+    # -- stage 1 -------------------------------------------------------------------------------
+    def attention_vectors(self, rows: torch.Tensor) -> torch.Tensor:
+        """Attention vector of item rows: item table + the item's category table."""
+        return self.item_dropout(self.attn_item(rows)) + self.attn_cat(self.row_category[rows])
+
+    def time_bias(self) -> torch.Tensor:
+        """Per-bucket bias <tau_0, tau(bucket)>: the folded target-time term of the attention."""
+        return self.attn_time.weight @ self.target_time
+
+    def attention_logits(
+        self, target_rows: torch.Tensor, beh_rows: torch.Tensor, beh_buckets: torch.Tensor
+    ) -> torch.Tensor:
+        """Scaled attention logits [N, L] of behaviors [N, L] for targets [N]."""
+        a_t = self.attention_vectors(target_rows)
+        a_b = self.attention_vectors(beh_rows)
+        raw = (a_b * a_t.unsqueeze(1)).sum(-1) + self.time_bias()[beh_buckets]
+        return raw * self.scale
+
+    def search(
+        self,
+        target_rows: torch.Tensor,
+        hist_rows: torch.Tensor,
+        hist_buckets: torch.Tensor,
+        hist_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Stage 1: positions [N, k] of the top-k behaviors by attention (k = min(K, L))."""
+        logits = self.attention_logits(target_rows, hist_rows, hist_buckets)
+        logits = logits.masked_fill(~hist_mask, float("-inf"))
+        k = min(self.cfg.top_k, hist_rows.shape[1])
+        return torch.topk(logits, k, dim=1).indices
+
+    # -- stage 2 -------------------------------------------------------------------------------
+    def stage2(
+        self,
+        target_rows: torch.Tensor,
+        beh_rows: torch.Tensor,
+        beh_buckets: torch.Tensor,
+        beh_mask: torch.Tensor,
+        fm: torch.Tensor | None = None,
+        fm_present: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logit [N] and attention weights [N, K] from the retrieved behaviors."""
+        logits = self.attention_logits(target_rows, beh_rows, beh_buckets)
+        mask = beh_mask.to(logits.dtype)
+        masked = logits.masked_fill(beh_mask <= 0, _MASKED)
+        weights = torch.softmax(masked, dim=1) * mask
+        # Softmax forgets how much relevant history there is (5 matching behaviors or 50 give the
+        # same weights); the log of the normaliser keeps that, as unnormalised DIN-style sums do.
+        has_history = (mask.sum(1, keepdim=True) > 0).to(logits.dtype)
+        mass = torch.logsumexp(masked, dim=1, keepdim=True) * has_history
+        r_t = self.item_dropout(self.repr_item(target_rows)) + self.repr_cat(self.row_category[target_rows])
+        r_b = (
+            self.item_dropout(self.repr_item(beh_rows))
+            + self.repr_cat(self.row_category[beh_rows])
+            + self.repr_time(beh_buckets)
+        )
+        interest = (weights.unsqueeze(-1) * r_b).sum(1) * r_t
+        parts = [r_t, interest, mass, has_history]
+        if self.cfg.fm_dim:
+            if fm is None or fm_present is None:
+                raise ValueError("this ranker takes an FM embedding and its presence flag")
+            present = fm_present.to(logits.dtype).unsqueeze(-1)
+            parts += [self.fm_proj(fm) * present, present]
+        return self.head(torch.cat(parts, dim=-1)).squeeze(-1), weights
+
+    def forward(
+        self,
+        target_rows: torch.Tensor,
+        hist_rows: torch.Tensor,
+        hist_buckets: torch.Tensor,
+        hist_mask: torch.Tensor,
+        fm: torch.Tensor | None = None,
+        fm_present: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both stages over padded histories [N, L]; returns logits [N] and top-k positions [N, k]."""
+        top = self.search(target_rows, hist_rows, hist_buckets, hist_mask)
+        beh_rows = torch.gather(hist_rows, 1, top)
+        beh_buckets = torch.gather(hist_buckets, 1, top)
+        beh_mask = torch.gather(hist_mask, 1, top)
+        logit, _ = self.stage2(target_rows, beh_rows, beh_buckets, beh_mask, fm, fm_present)
+        return logit, top
+
+    def item_attention_table(self) -> np.ndarray:
+        """Attention vectors of every item row, the rows of the FAISS index."""
+        with torch.no_grad():
+            rows = torch.arange(self.cfg.n_items)
+            return self.attention_vectors(rows).float().numpy().astype(np.float32)
+
+
+class Stage2Graph(nn.Module):
+    """The exported stage 2: [batch, candidates] targets with their K retrieved behaviors each."""
+
+    def __init__(self, ranker: TwoStageRanker) -> None:
+        super().__init__()
+        self.ranker = ranker
+
+    def forward(
+        self,
+        candidates: torch.Tensor,
+        behaviors: torch.Tensor,
+        buckets: torch.Tensor,
+        mask: torch.Tensor,
+        *fm_inputs: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        b, c = candidates.shape
+        k = behaviors.shape[2]
+        fm = fm_present = None
+        if fm_inputs:
+            fm_b, present_b = fm_inputs
+            fm = fm_b.unsqueeze(1).expand(b, c, fm_b.shape[1]).reshape(b * c, fm_b.shape[1])
+            fm_present = present_b.unsqueeze(1).expand(b, c).reshape(b * c)
+        logit, weights = self.ranker.stage2(
+            candidates.reshape(b * c),
+            behaviors.reshape(b * c, k),
+            buckets.reshape(b * c, k),
+            mask.reshape(b * c, k),
+            fm,
+            fm_present,
+        )
+        return torch.sigmoid(logit).reshape(b, c), weights.reshape(b, c, k)
+
+
+class FoundationModel(nn.Module):
+    """A larger CTR model over the full sequence; its user tower output is the cached FM embedding.
+
+    The user tower is target-independent (learned-query attention pooling), so the embedding can be
+    computed offline for every user and read at serving time without running the FM online.
+    """
+
+    def __init__(self, cfg: FmConfig, row_category: np.ndarray) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.register_buffer("row_category", torch.as_tensor(row_category, dtype=torch.long))
+        d = cfg.dim
+        self.item = _embedding(cfg.n_items, d, 0.05)
+        self.cat = _embedding(cfg.n_categories, d, 0.05)
+        self.time = _embedding(cfg.n_time_buckets, d, 0.05)
+        self.keys = nn.Linear(d, d, bias=False)
+        self.queries = nn.Parameter(torch.randn(cfg.heads, d) * 0.1)
+        self.user_out = nn.Sequential(nn.Linear(cfg.heads * d, cfg.fm_dim), nn.Tanh())
+        self.target_out = nn.Linear(d, cfg.fm_dim)
+        self.head = _mlp([3 * cfg.fm_dim, *cfg.mlp, 1])
+
+    def user_embedding(
+        self, hist_rows: torch.Tensor, hist_buckets: torch.Tensor, hist_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """FM user embedding [N, fm_dim] from padded histories [N, L]."""
+        h = self.item(hist_rows) + self.cat(self.row_category[hist_rows]) + self.time(hist_buckets)
+        logits = torch.einsum("nld,hd->nhl", self.keys(h), self.queries) / math.sqrt(self.cfg.dim)
+        keep = hist_mask.unsqueeze(1)
+        weights = torch.softmax(logits.masked_fill(~keep, _MASKED), dim=-1) * keep.to(h.dtype)
+        pooled = torch.einsum("nhl,nld->nhd", weights, h).reshape(h.shape[0], -1)
+        return self.user_out(pooled)
+
+    def forward(
+        self,
+        target_rows: torch.Tensor,
+        hist_rows: torch.Tensor,
+        hist_buckets: torch.Tensor,
+        hist_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """CTR logit [N]."""
+        u = self.user_embedding(hist_rows, hist_buckets, hist_mask)
+        t = self.target_out(self.item(target_rows) + self.cat(self.row_category[target_rows]))
+        return self.head(torch.cat([u, t, u * t], dim=-1)).squeeze(-1)
+
+
+class UserEncoderGraph(nn.Module):
+    """The exported FM user tower: padded histories to user embeddings."""
+
+    def __init__(self, fm: FoundationModel) -> None:
+        super().__init__()
+        self.fm = fm
+
+    def forward(self, behaviors: torch.Tensor, buckets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.fm.user_embedding(behaviors, buckets, mask > 0)

@@ -1,0 +1,58 @@
+"""Builds the configured store: Redis (single node or Cluster) from a URL, else the in-memory default."""
+
+from __future__ import annotations
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from feature_store.base import DEFAULT_MAX_LEN, FeatureStore
+from feature_store.memory_store import InMemoryFeatureStore
+from feature_store.redis_store import RedisFeatureStore
+
+
+def open_feature_store(
+    redis_url: str | None,
+    *,
+    cluster: bool = False,
+    timeout_s: float = 0.25,
+    max_len: int = DEFAULT_MAX_LEN,
+    fm_ttl_s: float | None = None,
+    pool_size: int = 64,
+    namespace: str = "dare",
+) -> FeatureStore:
+    """A Redis-backed store for `redis_url` (a Redis Cluster when `cluster`), in-memory when None."""
+    if redis_url is None:
+        return InMemoryFeatureStore(max_len=max_len, fm_ttl_s=fm_ttl_s)
+    # No client-side retries: a retried APPEND whose reply was lost would duplicate events, and
+    # retries with backoff would overrun the timeout. A failed call raises; the next one reconnects
+    # (and, on a cluster, re-reads the topology).
+    no_retry = Retry(NoBackoff(), 0)
+    client: Redis | RedisCluster
+    if cluster:
+        client = RedisCluster.from_url(
+            redis_url,
+            max_connections=pool_size,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=no_retry,
+        )
+    else:
+        pool = BlockingConnectionPool.from_url(
+            redis_url,
+            max_connections=pool_size,
+            timeout=timeout_s,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=no_retry,
+        )
+        client = Redis.from_pool(pool)
+    return RedisFeatureStore(
+        client,
+        timeout_s=timeout_s,
+        max_len=max_len,
+        fm_ttl_s=fm_ttl_s,
+        pool_size=pool_size,
+        namespace=namespace,
+    )

@@ -1,0 +1,61 @@
+"""Every Redis key of the feature store is built here; the layout is specified in docs/feature-store.md.
+
+Per-user keys carry the user id as a Redis Cluster hash tag, `{<escaped user id>}`, so all keys of
+one user hash to the same slot. The escaping keeps the tag well formed for any unicode id.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+# Bytes that would end or start a hash tag, the escape byte itself, and whitespace/control bytes
+# (escaped so keys stay printable in redis-cli and MONITOR).
+_UNSAFE = re.compile(rb"[\x00-\x20%{}\x7f]")
+_ESCAPED = re.compile(rb"%([0-9A-F]{2})")
+# The tag of the empty user id. A lone '%' never comes out of the escaping (which always writes
+# '%XX'), so it cannot collide; an empty tag '{}' would make Redis hash the whole key instead.
+_EMPTY_TAG = b"%"
+_NAMESPACE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+def encode_user_id(user_id: str) -> bytes:
+    """Escape a user id into a non-empty hash-tag body that never contains '{' or '}'."""
+    # surrogatepass: JSON can carry lone surrogates ("\ud800") and they must still map to one key.
+    raw = user_id.encode("utf-8", "surrogatepass")
+    if not raw:
+        return _EMPTY_TAG
+    return _UNSAFE.sub(lambda m: b"%%%02X" % m[0][0], raw)
+
+
+def decode_user_id(tag: bytes) -> str:
+    """Invert `encode_user_id` (for operators reading keys back)."""
+    if tag == _EMPTY_TAG:
+        return ""
+    return _ESCAPED.sub(lambda m: bytes([int(m[1], 16)]), tag).decode("utf-8", "surrogatepass")
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpace:
+    """Builds the keys of one namespace: `<ns>:seq:{<uid>}`, `<ns>:fm:{<uid>}`, `<ns>:fm:active`."""
+
+    namespace: str = "dare"
+    _prefix: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Braces in the namespace would become the hash tag and put every user in one slot.
+        if not _NAMESPACE.fullmatch(self.namespace):
+            raise ValueError(f"namespace must match {_NAMESPACE.pattern}, got {self.namespace!r}")
+        object.__setattr__(self, "_prefix", self.namespace.encode("ascii"))
+
+    def sequence(self, user_id: str) -> bytes:
+        """Key of the user's behavior sequence (a string of fixed-size binary records)."""
+        return b"%s:seq:{%s}" % (self._prefix, encode_user_id(user_id))
+
+    def fm(self, user_id: str) -> bytes:
+        """Key of the user's FM embeddings (a hash: FM version -> encoded vector)."""
+        return b"%s:fm:{%s}" % (self._prefix, encode_user_id(user_id))
+
+    def fm_active(self) -> bytes:
+        """Key of the active FM version pointer (a string)."""
+        return b"%s:fm:active" % self._prefix

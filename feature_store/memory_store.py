@@ -1,0 +1,103 @@
+"""The embedded default store: the same binary layout and rules as Redis, held in process memory."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import numpy as np
+
+from feature_store import codec
+from feature_store.base import DEFAULT_MAX_LEN, FeatureStore, Sequence, UserFeatures, check_version
+from feature_store.errors import CorruptFeatureData
+
+
+class InMemoryFeatureStore(FeatureStore):
+    """Sequences and FM embeddings in dicts of bytes; every call completes without awaiting.
+
+    Each method runs to completion inside one event-loop step, which is what makes appends atomic
+    here; values are kept encoded so that capping, ordering and corruption behave as in Redis.
+    """
+
+    def __init__(self, *, max_len: int = DEFAULT_MAX_LEN, fm_ttl_s: float | None = None) -> None:
+        super().__init__(max_len=max_len, fm_ttl_s=fm_ttl_s)
+        self._sequences: dict[str, bytearray] = {}
+        self._fm: dict[str, dict[bytes, bytes]] = {}
+        self._active: str | None = None
+
+    def _tail(self, user_id: str, n_events: int) -> tuple[bytes, int]:
+        buf = self._sequences.get(user_id)
+        if buf is None or n_events == 0:
+            return b"", 0 if buf is None else len(buf)
+        # Slicing copies, so no numpy view pins the bytearray (a pinned one cannot be resized).
+        return bytes(buf[-n_events * codec.EVENT_BYTES :]), len(buf)
+
+    async def read_users(
+        self, user_ids: list[str], *, fm_version: str | None = None, max_len: int | None = None
+    ) -> list[UserFeatures]:
+        """Sequences and FM embeddings of many users."""
+        n_events = self._read_len(max_len)
+        wanted = fm_version if fm_version is not None else self._active
+        now = time.time()
+        decoded = [
+            self._decode_user(uid, *self._tail(uid, n_events), self._fm.get(uid, {}), wanted, now)
+            for uid in user_ids
+        ]
+        return self._finish_batch(user_ids, decoded)
+
+    async def read_sequence(self, user_id: str, max_len: int | None = None) -> Sequence:
+        """The newest `max_len` events of one user."""
+        return self._decode_sequence(user_id, *self._tail(user_id, self._read_len(max_len)))
+
+    async def append_events(self, user_id: str, items: np.ndarray, timestamps: np.ndarray) -> int:
+        """Append events in arrival order and keep the newest `max_len`."""
+        data = codec.encode_events(items, timestamps)
+        buf = self._sequences.get(user_id)
+        if buf is not None and len(buf) % codec.EVENT_BYTES:
+            message = self._corrupt(user_id, "sequence", f"{len(buf)} bytes stored")
+            raise CorruptFeatureData(message, user_ids=[user_id])
+        if not data:
+            return 0 if buf is None else len(buf) // codec.EVENT_BYTES
+        if buf is None:
+            buf = self._sequences[user_id] = bytearray()
+        buf += data
+        cap = self.max_len * codec.EVENT_BYTES
+        if len(buf) > cap:
+            del buf[: len(buf) - cap]
+        return len(buf) // codec.EVENT_BYTES
+
+    async def replace_sequences(self, sequences: Mapping[str, Sequence]) -> None:
+        """Set whole sequences, replacing what was stored."""
+        encoded = {uid: self._encode_replacement(seq) for uid, seq in sequences.items()}
+        for uid, data in encoded.items():
+            if data:
+                self._sequences[uid] = bytearray(data)
+            else:
+                self._sequences.pop(uid, None)
+
+    async def write_fm_embeddings(
+        self, version: str, user_ids: list[str], vectors: np.ndarray, *, written_at: float | None = None
+    ) -> None:
+        """Store one embedding per user under `version`, dropping versions other than it and the active."""
+        blobs = self._encode_fm_batch(version, user_ids, vectors, written_at)
+        keep = {version.encode(), (self._active or "").encode()}
+        for uid, blob in zip(user_ids, blobs, strict=True):
+            fields = self._fm.setdefault(uid, {})
+            fields[version.encode()] = blob
+            for stale in [f for f in fields if f not in keep]:
+                del fields[stale]
+
+    async def set_active_fm_version(self, version: str) -> None:
+        """Point readers at `version`."""
+        check_version(version)
+        self._active = version
+
+    async def active_fm_version(self) -> str | None:
+        """The active FM version, if one was set."""
+        return self._active
+
+    async def ping(self) -> None:
+        """Always answers: the data lives in this process."""
+
+    async def aclose(self) -> None:
+        """Nothing to release; the data stays until the process ends."""

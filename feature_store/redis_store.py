@@ -1,0 +1,379 @@
+"""The Redis (single node or Cluster) store: one pipeline per read, Lua for atomic capped appends."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+
+import numpy as np
+import redis.exceptions as rexc
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+
+from feature_store import codec
+from feature_store.base import DEFAULT_MAX_LEN, FeatureStore, Sequence, UserFeatures, check_version
+from feature_store.errors import CorruptFeatureData, FeatureStoreError, FeatureStoreUnavailable
+from feature_store.keys import KeySpace
+
+if sys.version_info >= (3, 11):
+    from asyncio import timeout as _timeout
+else:  # redis-py depends on async-timeout below 3.11.3
+    from async_timeout import timeout as _timeout
+
+T = TypeVar("T")
+RedisClient = Redis | RedisCluster
+
+# Appends run server-side so concurrent writers never read-modify-write from Python. The length
+# check keeps a corrupt value from being extended into a misaligned one; the trim rewrites the
+# string only once it is over the cap.
+APPEND_SCRIPT = b"""
+local rec = tonumber(ARGV[2])
+local cap = tonumber(ARGV[3])
+local cur = redis.call('STRLEN', KEYS[1])
+if cur % rec ~= 0 then
+  return redis.error_reply('DARECORRUPT sequence length ' .. cur .. ' is not a multiple of ' .. rec)
+end
+local n = redis.call('APPEND', KEYS[1], ARGV[1])
+if n > cap then
+  redis.call('SET', KEYS[1], redis.call('GETRANGE', KEYS[1], n - cap, -1))
+  n = cap
+end
+return n
+"""
+
+# Keeps at most two versions per user: the one written and the one readers use now, so writing
+# a new FM version in the background never takes the active vector away.
+FM_WRITE_SCRIPT = b"""
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+local fields = redis.call('HKEYS', KEYS[1])
+for _, f in ipairs(fields) do
+  if f ~= ARGV[1] and f ~= ARGV[3] then redis.call('HDEL', KEYS[1], f) end
+end
+return #fields
+"""
+
+_SHA = {script: hashlib.sha1(script).hexdigest() for script in (APPEND_SCRIPT, FM_WRITE_SCRIPT)}
+
+# Errors meaning "the store is not there right now" (the service answers 503). RedisClusterException
+# is what the cluster client raises when no node of the topology answers.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    rexc.ConnectionError,
+    rexc.TimeoutError,
+    rexc.ClusterDownError,
+    rexc.TryAgainError,
+    rexc.ReadOnlyError,
+    rexc.RedisClusterException,
+    OSError,
+)
+
+# Bulk writes are cut into pipelines of this size, so each one stays well inside the per-call timeout.
+_CHUNK_BYTES = 4 << 20
+_CHUNK_USERS = 2_000
+
+
+def _tail_range(n_bytes: int) -> tuple[int, int]:
+    # A negative start clamps to 0: the newest n_bytes, or all of a shorter sequence. Start 1 >
+    # end 0 reads nothing (for max_len=0; "-0" would read the whole string).
+    return (-n_bytes, -1) if n_bytes else (1, 0)
+
+
+def _split_sequence(replies: list[Any], n_bytes: int) -> tuple[bytes, int]:
+    """(newest n_bytes, stored length) from the replies queued by `_queue_sequence`."""
+    if len(replies) == 1:
+        data = replies[0] or b""
+        # Longer than asked only if max_len was lowered since the value was written.
+        return (data if len(data) <= n_bytes else data[-n_bytes:]), len(data)
+    total, tail = replies
+    return tail, int(total)
+
+
+def _wrong_data(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, rexc.ResponseError) and ("WRONGTYPE" in text or "DARECORRUPT" in text)
+
+
+class RedisFeatureStore(FeatureStore):
+    """Feature store on a redis-py asyncio client (`Redis` or `RedisCluster`), which it owns and closes."""
+
+    def __init__(
+        self,
+        client: RedisClient,
+        *,
+        timeout_s: float = 0.25,
+        max_len: int = DEFAULT_MAX_LEN,
+        fm_ttl_s: float | None = None,
+        pool_size: int = 64,
+        namespace: str = "dare",
+    ) -> None:
+        super().__init__(max_len=max_len, fm_ttl_s=fm_ttl_s)
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        self._client = client
+        self._timeout_s = timeout_s
+        self.keys = KeySpace(namespace)
+        # The cluster client raises instead of waiting when a node's pool is exhausted; bounding the
+        # calls in flight (inside the timeout) turns a burst into queueing, for both client kinds.
+        self._slots = asyncio.Semaphore(pool_size)
+        self._topology_lock = asyncio.Lock()
+
+    @property
+    def client(self) -> RedisClient:
+        """The underlying redis-py client (for operators and tests)."""
+        return self._client
+
+    async def _call(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run one round trip under the timeout; translate Redis failures into store errors."""
+        try:
+            async with _timeout(self._timeout_s), self._slots:
+                await self._ensure_topology()
+                return await fn()
+        except (asyncio.TimeoutError, TimeoutError, rexc.TimeoutError) as exc:
+            self.stats.errors += 1
+            self.stats.timeouts += 1
+            raise FeatureStoreUnavailable(f"{what}: no answer within {self._timeout_s:g}s") from exc
+        except CorruptFeatureData:
+            raise
+        except _UNAVAILABLE as exc:
+            self.stats.errors += 1
+            raise FeatureStoreUnavailable(f"{what}: {type(exc).__name__}: {exc}") from exc
+        except rexc.RedisError as exc:
+            self.stats.errors += 1
+            raise FeatureStoreError(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+    async def _ensure_topology(self) -> None:
+        """Load the cluster's slot map once before commands are routed.
+
+        redis-py's cluster client routes a command issued while it has no slot map (first use, or
+        after it dropped the map on CLUSTERDOWN) to a random node; under concurrency the MOVED
+        replies make it close every connection, including those of calls in flight. Loading the map
+        here, one caller at a time, keeps concurrent first calls from racing.
+        """
+        if not isinstance(self._client, RedisCluster) or self._client.get_default_node() is not None:
+            return
+        async with self._topology_lock:
+            if self._client.get_default_node() is None:
+                await self._client.initialize()
+
+    async def _execute(self, pipe: Any) -> list[Any]:
+        """Execute a pipeline; per-command data errors stay in the results, outages raise."""
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        for result in results:
+            # The cluster pipeline reports a node's connection failure per command, not by raising.
+            if isinstance(result, _UNAVAILABLE):
+                raise result
+        return results
+
+    async def _eval(self, script: bytes, key: bytes, *args: bytes | int) -> Any:
+        try:
+            return await self._client.evalsha(_SHA[script], 1, key, *args)
+        except rexc.NoScriptError:
+            # The node has not cached the script yet (new or restarted): EVAL sends and caches it.
+            return await self._client.eval(script, 1, key, *args)
+
+    async def read_users(
+        self, user_ids: list[str], *, fm_version: str | None = None, max_len: int | None = None
+    ) -> list[UserFeatures]:
+        """Sequences and FM embeddings of many users in one pipeline (grouped by node on a cluster)."""
+        n_bytes = self._read_len(max_len) * codec.EVENT_BYTES
+        width = self._sequence_width(n_bytes) + 1
+        if not user_ids:
+            return []
+
+        async def run() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            if fm_version is None:
+                pipe.get(self.keys.fm_active())
+            for uid in user_ids:
+                self._queue_sequence(pipe, self.keys.sequence(uid), n_bytes)
+                pipe.hgetall(self.keys.fm(uid))
+            return await self._execute(pipe)
+
+        results = await self._call("read_users", run)
+        wanted = fm_version
+        if fm_version is None:
+            wanted = self._decode_pointer(results[0])
+            results = results[1:]
+        now = time.time()
+        decoded: list[UserFeatures | str] = []
+        for i, uid in enumerate(user_ids):
+            replies = results[width * i : width * (i + 1)]
+            error = next((r for r in replies if isinstance(r, Exception)), None)
+            if error is not None:
+                decoded.append(self._data_error(uid, error))
+                continue
+            tail, total = _split_sequence(replies[:-1], n_bytes)
+            decoded.append(self._decode_user(uid, tail, total, replies[-1], wanted, now))
+        return self._finish_batch(user_ids, decoded)
+
+    def _sequence_width(self, n_bytes: int) -> int:
+        return 1 if n_bytes >= self.max_len * codec.EVENT_BYTES else 2
+
+    def _queue_sequence(self, pipe: Any, key: bytes, n_bytes: int) -> None:
+        """Queue the reads of a sequence's newest n_bytes: GET when that is all the store keeps."""
+        if self._sequence_width(n_bytes) == 1:
+            # Stored values are capped at max_len, so a full read is one GET, and its length
+            # is the stored length that the alignment check needs.
+            pipe.get(key)
+        else:
+            # Only the tail is fetched; STRLEN still checks the alignment of the whole value.
+            pipe.strlen(key)
+            pipe.getrange(key, *_tail_range(n_bytes))
+
+    def _data_error(self, user_id: str, error: Exception) -> str:
+        if not _wrong_data(error):
+            self.stats.errors += 1
+            raise FeatureStoreError(f"read of user {user_id!r} failed: {error}") from error
+        return self._corrupt(user_id, "key", error)
+
+    def _decode_pointer(self, raw: Any) -> str | None:
+        if raw is None:
+            return None
+        try:
+            if isinstance(raw, Exception):
+                raise raw
+            return bytes(raw).decode("utf-8")
+        except (UnicodeDecodeError, rexc.ResponseError) as exc:
+            self.stats.corrupt_reads += 1
+            raise CorruptFeatureData(f"the active FM version pointer is corrupt: {exc}") from exc
+
+    async def read_sequence(self, user_id: str, max_len: int | None = None) -> Sequence:
+        """The newest `max_len` events of one user in one round trip."""
+        n_bytes = self._read_len(max_len) * codec.EVENT_BYTES
+        key = self.keys.sequence(user_id)
+
+        async def run() -> list[Any]:
+            if self._sequence_width(n_bytes) == 1:
+                # The common full read skips the pipeline machinery (a tenth of a millisecond).
+                try:
+                    return [await self._client.get(key)]
+                except rexc.ResponseError as exc:
+                    if not _wrong_data(exc):
+                        raise
+                    return [exc]
+            pipe = self._client.pipeline(transaction=False)
+            self._queue_sequence(pipe, key, n_bytes)
+            return await self._execute(pipe)
+
+        replies = await self._call("read_sequence", run)
+        error = next((r for r in replies if isinstance(r, Exception)), None)
+        if error is not None:
+            raise CorruptFeatureData(self._data_error(user_id, error), user_ids=[user_id]) from error
+        tail, total = _split_sequence(replies, n_bytes)
+        return self._decode_sequence(user_id, tail, total)
+
+    async def append_events(self, user_id: str, items: np.ndarray, timestamps: np.ndarray) -> int:
+        """Append events atomically server-side (APPEND + trim in one Lua script); returns the length."""
+        data = codec.encode_events(items, timestamps)
+        key = self.keys.sequence(user_id)
+        cap = self.max_len * codec.EVENT_BYTES
+
+        async def run() -> int:
+            try:
+                if not data:
+                    return int(await self._client.strlen(key))
+                return int(await self._eval(APPEND_SCRIPT, key, data, codec.EVENT_BYTES, cap))
+            except rexc.ResponseError as exc:
+                if not _wrong_data(exc):
+                    raise
+                message = self._corrupt(user_id, "sequence", exc)
+                raise CorruptFeatureData(message, user_ids=[user_id]) from exc
+
+        n_bytes = await self._call("append_events", run)
+        if n_bytes % codec.EVENT_BYTES:
+            message = self._corrupt(user_id, "sequence", f"{n_bytes} bytes stored")
+            raise CorruptFeatureData(message, user_ids=[user_id])
+        return n_bytes // codec.EVENT_BYTES
+
+    async def replace_sequences(self, sequences: Mapping[str, Sequence]) -> None:
+        """SET whole sequences (DEL when empty) in pipelines of at most ~4 MB."""
+        batch: list[tuple[bytes, bytes]] = []
+        size = 0
+        for uid, seq in sequences.items():
+            data = self._encode_replacement(seq)
+            batch.append((self.keys.sequence(uid), data))
+            size += len(data)
+            if size >= _CHUNK_BYTES or len(batch) >= _CHUNK_USERS:
+                await self._replace_chunk(batch)
+                batch, size = [], 0
+        if batch:
+            await self._replace_chunk(batch)
+
+    async def _replace_chunk(self, batch: list[tuple[bytes, bytes]]) -> None:
+        async def run() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            for key, data in batch:
+                if data:
+                    pipe.set(key, data)
+                else:
+                    pipe.delete(key)
+            return await self._execute(pipe)
+
+        results = await self._call("replace_sequences", run)
+        self._raise_first_error("replace_sequences", results)
+
+    async def write_fm_embeddings(
+        self, version: str, user_ids: list[str], vectors: np.ndarray, *, written_at: float | None = None
+    ) -> None:
+        """Store one embedding per user under `version` in pipelines; keeps the active version's vector."""
+        blobs = self._encode_fm_batch(version, user_ids, vectors, written_at)
+        keep = (await self.active_fm_version() or "").encode()
+        pairs = list(zip(user_ids, blobs, strict=True))
+        for start in range(0, len(pairs), _CHUNK_USERS):
+            await self._write_fm_chunk(version.encode(), pairs[start : start + _CHUNK_USERS], keep)
+
+    async def _write_fm_chunk(self, version: bytes, chunk: list[tuple[str, bytes]], keep: bytes) -> None:
+        async def run() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            for uid, blob in chunk:
+                # Through execute_command: redis-py blocks the evalsha *method* on cluster pipelines,
+                # but the command routes by its key like any other; NOSCRIPT is handled below.
+                pipe.execute_command(
+                    "EVALSHA", _SHA[FM_WRITE_SCRIPT], 1, self.keys.fm(uid), version, blob, keep
+                )
+            results = await self._execute(pipe)
+            missing = [i for i, r in enumerate(results) if isinstance(r, rexc.NoScriptError)]
+            if missing:
+                # A node that has not cached the script yet: resend those writes with the body.
+                retry = self._client.pipeline(transaction=False)
+                for i in missing:
+                    uid, blob = chunk[i]
+                    retry.eval(FM_WRITE_SCRIPT, 1, self.keys.fm(uid), version, blob, keep)
+                for i, result in zip(missing, await self._execute(retry), strict=True):
+                    results[i] = result
+            return results
+
+        results = await self._call("write_fm_embeddings", run)
+        bad = [uid for (uid, _), r in zip(chunk, results, strict=True) if _wrong_data(r)]
+        if bad:
+            for uid in bad:
+                self._corrupt(uid, "FM key", "holds a value that is not a hash")
+            raise CorruptFeatureData(f"FM keys of users {bad!r} hold the wrong type", user_ids=bad)
+        self._raise_first_error("write_fm_embeddings", results)
+
+    def _raise_first_error(self, what: str, results: list[Any]) -> None:
+        error = next((r for r in results if isinstance(r, Exception)), None)
+        if error is not None:
+            self.stats.errors += 1
+            raise FeatureStoreError(f"{what}: {type(error).__name__}: {error}") from error
+
+    async def set_active_fm_version(self, version: str) -> None:
+        """Point readers at `version` with one SET (atomic for every reader)."""
+        check_version(version)
+        await self._call("set_active_fm_version", lambda: self._client.set(self.keys.fm_active(), version))
+
+    async def active_fm_version(self) -> str | None:
+        """The active FM version, if one was set."""
+        raw = await self._call("active_fm_version", lambda: self._client.get(self.keys.fm_active()))
+        return self._decode_pointer(raw)
+
+    async def ping(self) -> None:
+        """Raise FeatureStoreUnavailable unless Redis answers PING in time."""
+        await self._call("ping", self._client.ping)
+
+    async def aclose(self) -> None:
+        """Close the client and its connection pool(s)."""
+        await self._client.aclose()

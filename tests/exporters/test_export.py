@@ -1,0 +1,276 @@
+"""ONNX + FAISS bundles against the PyTorch model they came from."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from exporters.bundle import BundleError, load_bundle, sha256_file
+from exporters.export import export_fm, export_ranker
+from exporters.features import time_buckets
+from exporters.models import FmConfig, FoundationModel, RankerConfig, TwoStageRanker
+from service.core.search import knn_plain, search_keys, search_queries
+
+N_ITEMS, N_CATS, K = 60, 6, 8
+
+
+def _ranker(kind: str, fm_dim: int = 0, seed: int = 0) -> TwoStageRanker:
+    torch.manual_seed(seed)
+    cats = np.r_[0, np.arange(1, N_ITEMS) % (N_CATS - 1) + 1].astype(np.int64)
+    model = TwoStageRanker(RankerConfig(kind, N_ITEMS, N_CATS, 4, 8, K, fm_dim, (16, 8)), cats)
+    with torch.no_grad():  # untrained weights give near-constant scores; spread them out
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model.eval()
+
+
+def _item_ids() -> np.ndarray:
+    return np.r_[-1, 1000 + 7 * np.arange(1, N_ITEMS)].astype(np.int64)
+
+
+def _export(model: TwoStageRanker, root: Path) -> Path:
+    return export_ranker(
+        model,
+        root,
+        model.cfg.kind,
+        _item_ids(),
+        500,
+        {"auc": 0.5, "gauc": 0.5, "logloss": 0.7},
+        "fm:1" if model.cfg.fm_dim else None,
+        {},
+    )
+
+
+def _torch_scores(model: TwoStageRanker, cand_rows, hist_rows, hist_ts, now, fm=None, present=None):
+    """Both stages in PyTorch for one user, candidates as the batch."""
+    c, length = len(cand_rows), len(hist_rows)
+    width = max(length, 1)
+    rows = np.zeros((c, width), np.int64)
+    buckets = np.zeros((c, width), np.int64)
+    mask = np.zeros((c, width), bool)
+    rows[:, :length] = hist_rows
+    buckets[:, :length] = time_buckets(now - hist_ts)
+    mask[:, :length] = True
+    fm_t = present_t = None
+    if fm is not None:
+        fm_t = torch.from_numpy(np.repeat(fm[None], c, 0))
+        present_t = torch.full((c,), float(present))
+    with torch.no_grad():
+        logit, top = model(
+            torch.from_numpy(cand_rows),
+            torch.from_numpy(rows),
+            torch.from_numpy(buckets),
+            torch.from_numpy(mask),
+            fm_t,
+            present_t,
+        )
+    return torch.sigmoid(logit).numpy(), top.numpy()
+
+
+def _served_scores(bundle, cand_rows, hist_rows, hist_ts, now, fm=None, present=None):
+    """Stage 1 with FAISS over the bundle's index, stage 2 with ONNX Runtime."""
+    c = len(cand_rows)
+    buckets = time_buckets(now - hist_ts)
+    res = knn_plain(
+        search_queries(bundle.attention, cand_rows),
+        search_keys(bundle.attention, bundle.time_bias, hist_rows, buckets),
+        K,
+    )
+    k = res.positions.shape[1]
+    beh = np.zeros((1, c, K), np.int64)
+    bkt = np.zeros((1, c, K), np.int64)
+    mask = np.zeros((1, c, K), np.float32)
+    beh[0, :, :k] = hist_rows[res.positions]
+    bkt[0, :, :k] = buckets[res.positions]
+    mask[0, :, :k] = 1.0
+    feeds = {"candidates": cand_rows[None], "behaviors": beh, "buckets": bkt, "mask": mask}
+    if fm is not None:
+        feeds |= {"fm": fm[None].astype(np.float32), "fm_present": np.array([present], np.float32)}
+    probs, attention = bundle.session.run(None, feeds)
+    return probs[0], attention[0], res
+
+
+@pytest.mark.parametrize("kind,fm_dim", [("dare", 0), ("coupled", 0), ("dare", 3), ("coupled", 3)])
+def test_onnx_and_faiss_match_pytorch(tmp_path: Path, kind: str, fm_dim: int) -> None:
+    model = _ranker(kind, fm_dim)
+    bundle = load_bundle(_export(model, tmp_path))
+    rng = np.random.default_rng(1)
+    now = 1_700_000_000
+    raw_candidates = np.r_[_item_ids()[rng.integers(1, N_ITEMS, 9)], 5, -3]  # 5 and -3 are unknown
+    cand_rows = bundle.rows(raw_candidates)
+    assert cand_rows[-1] == 0 and cand_rows[-2] == 0 and (cand_rows[:-2] > 0).all()
+    for length in (0, 1, K - 3, K, 5 * K):  # empty, shorter than K, exactly K, longer
+        hist_rows = rng.integers(0, N_ITEMS, length)  # row 0: unknown behaviors stay in the sequence
+        hist_ts = np.sort(now - rng.integers(1, 10**7, length))
+        fm = rng.normal(size=fm_dim).astype(np.float32) if fm_dim else None
+        for present in (1.0, 0.0) if fm_dim else (None,):
+            want, top = _torch_scores(model, cand_rows, hist_rows, hist_ts, now, fm, present)
+            got, attention, res = _served_scores(bundle, cand_rows, hist_rows, hist_ts, now, fm, present)
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+            assert np.ptp(got) > 1e-3, "scores should vary across candidates"
+            if length:
+                # FAISS top-K is torch.topk: the same (item, time bucket) behaviors; positions may
+                # differ only between repeats of one behavior, whose scores tie exactly
+                k = min(K, length)
+                buckets = time_buckets(now - hist_ts)
+                for c in range(len(cand_rows)):
+                    chosen = sorted(zip(hist_rows[res.positions[c]], buckets[res.positions[c]], strict=True))
+                    oracle = sorted(zip(hist_rows[top[c][:k]], buckets[top[c][:k]], strict=True))
+                    assert chosen == oracle
+                np.testing.assert_allclose(attention[:, :k].sum(1), 1.0, atol=1e-5)
+            assert np.all(attention[:, min(K, length) :] == 0)
+
+
+def test_search_scores_are_attention_logits(tmp_path: Path) -> None:
+    model = _ranker("dare")
+    bundle = load_bundle(_export(model, tmp_path))
+    rows = np.arange(1, 40)
+    buckets = np.arange(39) % 20
+    res = knn_plain(
+        search_queries(bundle.attention, np.array([3])),
+        search_keys(bundle.attention, bundle.time_bias, rows, buckets),
+        5,
+    )
+    with torch.no_grad():
+        logits = model.attention_logits(
+            torch.tensor([3]), torch.from_numpy(rows)[None], torch.from_numpy(buckets)[None]
+        )[0].numpy()
+    np.testing.assert_allclose(res.scores[0] * model.scale, np.sort(logits)[::-1][:5], rtol=1e-5, atol=1e-6)
+
+
+def test_dynamic_batch_and_candidate_axes(tmp_path: Path) -> None:
+    bundle = load_bundle(_export(_ranker("dare"), tmp_path))
+    for b, c in ((1, 1), (3, 17), (8, 200)):
+        feeds = {
+            "candidates": np.ones((b, c), np.int64),
+            "behaviors": np.ones((b, c, K), np.int64),
+            "buckets": np.zeros((b, c, K), np.int64),
+            "mask": np.ones((b, c, K), np.float32),
+        }
+        probs, attention = bundle.session.run(None, feeds)
+        assert probs.shape == (b, c) and attention.shape == (b, c, K)
+        assert ((probs > 0) & (probs < 1)).all()
+
+
+def test_fm_encoder_matches_pytorch(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cats = np.r_[0, np.arange(1, N_ITEMS) % (N_CATS - 1) + 1]
+    fm = FoundationModel(FmConfig(N_ITEMS, N_CATS, dim=8, heads=2, fm_dim=5), cats).eval()
+    path = export_fm(fm, tmp_path, "fm", _item_ids(), 300, {"auc": 0.5, "gauc": 0.5, "logloss": 0.7}, {})
+    bundle = load_bundle(path)
+    assert bundle.manifest.model == "fm" and bundle.manifest.tag == "fm:1"
+    rng = np.random.default_rng(0)
+    rows = rng.integers(0, N_ITEMS, (4, 30))
+    buckets = rng.integers(0, 64, (4, 30))
+    mask = np.ones((4, 30), bool)
+    mask[1, 10:] = False
+    mask[2, :] = False  # a user with no history
+    got = bundle.session.run(None, {"behaviors": rows, "buckets": buckets, "mask": mask.astype(np.float32)})[
+        0
+    ]
+    with torch.no_grad():
+        want = fm.user_embedding(
+            torch.from_numpy(rows), torch.from_numpy(buckets), torch.from_numpy(mask)
+        ).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+# -- refusing bad bundles -------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def good_bundle(tmp_path: Path) -> Path:
+    return _export(_ranker("dare"), tmp_path)
+
+
+def _rewrite_manifest(path: Path, **changes) -> None:
+    m = json.loads((path / "manifest.json").read_text())
+    for key, value in changes.items():
+        target = m
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    (path / "manifest.json").write_text(json.dumps(m))
+
+
+def test_loads_and_verifies(good_bundle: Path) -> None:
+    b = load_bundle(good_bundle)
+    assert b.attention.shape == (N_ITEMS, 4) and b.time_bias.shape == (64,)
+    assert b.index.ntotal == N_ITEMS and b.version == "1" and b.variant == "dare"
+    np.testing.assert_array_equal(b.rows(np.array([1007, 1008, -1, 1000 + 7 * 59])), [1, 0, 0, 59])
+
+
+def test_truncated_onnx_is_refused(good_bundle: Path) -> None:
+    onnx = good_bundle / "ranker.onnx"
+    onnx.write_bytes(onnx.read_bytes()[: onnx.stat().st_size // 2])
+    with pytest.raises(BundleError, match="ranker.onnx.*sha256"):
+        load_bundle(good_bundle)
+    # even with a matching checksum, a truncated graph is refused by ONNX Runtime, not served
+    m = json.loads((good_bundle / "manifest.json").read_text())
+    m["files"]["ranker.onnx"] = sha256_file(onnx)
+    (good_bundle / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="ONNX Runtime cannot load"):
+        load_bundle(good_bundle)
+
+
+def test_flipped_byte_in_index_is_refused(good_bundle: Path) -> None:
+    f = good_bundle / "attention.faiss"
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="attention.faiss.*sha256"):
+        load_bundle(good_bundle)
+
+
+def test_missing_file_is_refused(good_bundle: Path) -> None:
+    (good_bundle / "time_bias.npy").unlink()
+    with pytest.raises(BundleError, match="missing file time_bias.npy"):
+        load_bundle(good_bundle)
+
+
+def test_mismatched_dims_are_refused(good_bundle: Path) -> None:
+    _rewrite_manifest(good_bundle, **{"dims.attention": 8})
+    with pytest.raises(BundleError, match="attention.faiss: expected an inner-product index of 60 x 8"):
+        load_bundle(good_bundle)
+
+
+def test_wrong_top_k_is_refused(good_bundle: Path) -> None:
+    _rewrite_manifest(good_bundle, top_k=16)
+    with pytest.raises(BundleError, match="ONNX input behaviors"):
+        load_bundle(good_bundle)
+
+
+def test_pickled_array_is_refused(good_bundle: Path) -> None:
+    arr = np.array([{"x": 1}] * N_ITEMS, dtype=object)
+    np.save(good_bundle / "item_categories.npy", arr, allow_pickle=True)
+    m = json.loads((good_bundle / "manifest.json").read_text())
+    m["files"]["item_categories.npy"] = sha256_file(good_bundle / "item_categories.npy")
+    (good_bundle / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="item_categories.npy: not a readable .npy"):
+        load_bundle(good_bundle)
+
+
+def test_path_escape_is_refused(good_bundle: Path) -> None:
+    m = json.loads((good_bundle / "manifest.json").read_text())
+    m["files"]["../../etc/passwd"] = "0" * 64
+    (good_bundle / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="escapes the bundle folder"):
+        load_bundle(good_bundle)
+
+
+def test_invalid_manifest_is_refused(good_bundle: Path) -> None:
+    (good_bundle / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="invalid manifest"):
+        load_bundle(good_bundle)
+
+
+def test_versions_increase(tmp_path: Path) -> None:
+    model = _ranker("dare")
+    paths = [_export(model, tmp_path) for _ in range(3)]
+    assert [p.name for p in paths] == ["1", "2", "3"]
+    assert not list((tmp_path / "dare").glob(".incoming-*"))

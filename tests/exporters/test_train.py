@@ -1,0 +1,118 @@
+"""Training end to end on tiny synthetic data: metrics, bundles, determinism, FM embeddings."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from exporters.bundle import load_bundle
+from exporters.fm_embed import compute_user_embeddings, read_embeddings_file, write_embeddings_file
+from tests.conftest import TinyModels, _train
+
+
+def test_results_line_and_bundles(tiny_models: TinyModels) -> None:
+    for model in ("dare", "coupled"):
+        r = tiny_models.results[model]
+        assert r["model"] == model and r["variant"] == model and r["version"] == "1"
+        for key in ("auc", "gauc", "logloss"):
+            assert 0.0 < r[key] < 1.5
+        assert r["fm_version"] == "fm:1"
+        m = r["metrics"]
+        assert {"popularity", "retrieval", "fm_missing", "valid_auc"} <= set(m)
+        ret = m["retrieval"]
+        assert 0.0 <= ret["base_rate"] <= 1.0 and 0.0 <= ret["precision_at_k"] <= 1.0
+        b = load_bundle(r["bundle"])
+        assert b.manifest.model == model and b.manifest.fm_version == "fm:1"
+        assert b.manifest.dims.attention == (8 if model == "dare" else 16)
+        assert b.manifest.dims.fm == 8 and b.manifest.top_k == 16
+        assert b.manifest.metrics["auc"] == pytest.approx(r["auc"])
+    fm = load_bundle(tiny_models.fm)
+    assert fm.manifest.model == "fm" and fm.manifest.dims.fm == 8
+
+
+def test_training_is_deterministic(tiny_data: Path, tmp_path: Path) -> None:
+    a = _train(tiny_data, "dare", tmp_path / "a")
+    b = _train(tiny_data, "dare", tmp_path / "b")
+    assert a["metrics"] == b["metrics"]
+    ba, bb = load_bundle(a["bundle"]), load_bundle(b["bundle"])
+    np.testing.assert_array_equal(ba.attention, bb.attention)
+    c = _train(tiny_data, "dare", tmp_path / "c", seed=5)
+    assert not np.array_equal(load_bundle(c["bundle"]).attention, ba.attention)
+
+
+def test_fm_embeddings_file_round_trip(tiny_models: TinyModels, tmp_path: Path) -> None:
+    import pandas as pd
+
+    events = pd.read_parquet(tiny_models.data / "events.parquet")
+    emb = compute_user_embeddings(load_bundle(tiny_models.fm), events, progress=False)
+    assert len(emb.user_ids) == events["user_id"].nunique() == 150
+    assert emb.vectors.shape == (150, 8) and np.isfinite(emb.vectors).all()
+    assert emb.fm_version == "fm:1"
+    assert np.ptp(emb.vectors, axis=0).max() > 1e-3, "users should get different embeddings"
+    write_embeddings_file(emb, tmp_path / "fm.parquet")
+    back = read_embeddings_file(tmp_path / "fm.parquet")
+    assert back.user_ids == emb.user_ids and back.fm_version == "fm:1"
+    np.testing.assert_array_equal(back.vectors, emb.vectors)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    exe = Path(sys.executable).parent / "dare-serve"
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=300)
+
+
+def test_train_cli_prints_one_json_line(tiny_data: Path, tmp_path: Path) -> None:
+    p = _cli(
+        "train",
+        "--data",
+        str(tiny_data),
+        "--model",
+        "coupled",
+        "--out",
+        str(tmp_path),
+        "--variant",
+        "control",
+        "--epochs",
+        "1",
+        "--representation-dim",
+        "8",
+        "--top-k",
+        "8",
+        "--max-seq-len",
+        "100",
+        "--no-progress",
+    )
+    assert p.returncode == 0, p.stderr
+    line = json.loads(p.stdout.strip().splitlines()[-1])
+    assert line["variant"] == "control" and line["bundle"] == str(tmp_path / "control" / "1")
+    assert 0 < line["auc"] <= 1 and "gauc" in line and "logloss" in line and line["train_seconds"] > 0
+    assert load_bundle(line["bundle"]).manifest.max_seq_len == 100
+
+
+def test_train_cli_bad_input(tmp_path: Path) -> None:
+    p = _cli("train", "--data", str(tmp_path / "nope"), "--model", "dare", "--out", str(tmp_path))
+    assert p.returncode == 2 and "error:" in p.stderr and "Traceback" not in p.stderr
+    p = _cli("train", "--data", str(tmp_path), "--model", "bert", "--out", str(tmp_path))
+    assert p.returncode == 2 and "dare, coupled or fm" in p.stderr
+
+
+def test_fm_embed_cli_to_file(tiny_models: TinyModels, tmp_path: Path) -> None:
+    out = tmp_path / "emb.parquet"
+    p = _cli(
+        "fm-embed",
+        "--fm-bundle",
+        str(tiny_models.fm),
+        "--data",
+        str(tiny_models.data),
+        "--out",
+        str(out),
+        "--no-progress",
+    )
+    assert p.returncode == 0, p.stderr
+    line = json.loads(p.stdout.strip().splitlines()[-1])
+    assert line == {**line, "fm_version": "fm:1", "users": 150, "dim": 8}
+    assert read_embeddings_file(out).vectors.shape == (150, 8)
