@@ -108,6 +108,17 @@ def _npy_writer(arr: np.ndarray):
     return lambda p: np.save(p, arr, allow_pickle=False)
 
 
+def _weights_writer(module: torch.nn.Module):
+    """The PyTorch weights as a plain .npz (no pickle), for offline scoring and fine-tuning."""
+
+    def write(p: Path) -> None:
+        state = {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
+        with open(p, "wb") as f:
+            np.savez(f, **state)
+
+    return write
+
+
 def _faiss_writer(vectors: np.ndarray):
     def write(p: Path) -> None:
         import faiss
@@ -160,6 +171,7 @@ def export_ranker(
         "time_bias.npy": _npy_writer(time_bias),
         "item_ids.npy": _npy_writer(np.asarray(item_ids, dtype=np.int64)),
         "item_categories.npy": _npy_writer(ranker.row_category.numpy().astype(np.int64)),
+        "weights.npz": _weights_writer(ranker),
     }
     return write_bundle(root, variant, manifest, writers)
 
@@ -193,5 +205,6 @@ def export_fm(
         "user_encoder.onnx": _bytes_writer(encoder_onnx(fm)),
         "item_ids.npy": _npy_writer(np.asarray(item_ids, dtype=np.int64)),
         "item_categories.npy": _npy_writer(fm.row_category.numpy().astype(np.int64)),
+        "weights.npz": _weights_writer(fm),
     }
     return write_bundle(root, variant, manifest, writers)

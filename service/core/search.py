@@ -47,3 +47,8 @@ def knn_plain(queries: np.ndarray, keys: np.ndarray, k: int) -> SearchResult:
         return SearchResult(empty.astype(np.int64), empty.astype(np.float32))
     scores, positions = faiss.knn(queries, keys, k, metric=faiss.METRIC_INNER_PRODUCT)
     return SearchResult(positions, scores)
+
+
+def search_topk(queries: np.ndarray, keys: np.ndarray, k: int) -> SearchResult:
+    """Stage 1 as the service runs it: exact top-k by inner product, best first."""
+    return knn_plain(queries, keys, k)

@@ -116,3 +116,35 @@ def test_fm_embed_cli_to_file(tiny_models: TinyModels, tmp_path: Path) -> None:
     line = json.loads(p.stdout.strip().splitlines()[-1])
     assert line == {**line, "fm_version": "fm:1", "users": 150, "dim": 8}
     assert read_embeddings_file(out).vectors.shape == (150, 8)
+
+
+def test_offline_model_matches_bundle_graph(tiny_models: TinyModels) -> None:
+    from exporters.features import time_buckets
+    from exporters.offline import load_torch_model, score_offline
+    from service.core.search import knn_plain, search_keys, search_queries
+
+    bundle = load_bundle(tiny_models.root / "dare" / "1")
+    model = load_torch_model(bundle.path)
+    rng = np.random.default_rng(3)
+    hist_items = bundle.item_ids[rng.integers(1, len(bundle.item_ids), 50)]
+    hist_ts = np.sort(1_650_000_000 - rng.integers(10, 10**7, 50))
+    cands = bundle.item_ids[rng.integers(1, len(bundle.item_ids), 7)]
+    now = 1_650_000_000
+    fm = rng.normal(size=8).astype(np.float32)
+    want = score_offline(model, bundle.item_ids, hist_items, hist_ts, cands, now, fm)
+    rows, buckets = bundle.rows(hist_items), time_buckets(now - hist_ts)
+    res = knn_plain(
+        search_queries(bundle.attention, bundle.rows(cands)),
+        search_keys(bundle.attention, bundle.time_bias, rows, buckets),
+        16,
+    )
+    feeds = {
+        "candidates": bundle.rows(cands)[None],
+        "behaviors": rows[res.positions][None],
+        "buckets": buckets[res.positions][None],
+        "mask": np.ones((1, 7, 16), np.float32),
+        "fm": fm[None],
+        "fm_present": np.ones(1, np.float32),
+    }
+    got = bundle.session.run(None, feeds)[0][0]
+    np.testing.assert_allclose(got, want, atol=1e-5)
