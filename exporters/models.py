@@ -103,8 +103,9 @@ class TwoStageRanker(nn.Module):
             self.attn_time = _embedding(cfg.n_time_buckets, d_a, 0.05)
         else:
             self.attn_item, self.attn_cat, self.attn_time = self.repr_item, self.repr_cat, self.repr_time
-        # Dropout on the item-level part of every embedding: the sparse item rows overfit fast,
-        # the category rows generalize; this makes the model lean on both.
+        # Dropout on the item-level part of the representations: the sparse item rows overfit
+        # fast, the category rows generalize. Attention vectors get none, so that stage 1 in
+        # training retrieves with the same vectors as the served FAISS index.
         self.item_dropout = nn.Dropout(cfg.item_dropout)
         self.target_time = nn.Parameter(torch.randn(d_a) * 0.05)
         self.scale = 1.0 / math.sqrt(d_a)
@@ -117,7 +118,7 @@ class TwoStageRanker(nn.Module):
     # -- stage 1 -------------------------------------------------------------------------------
     def attention_vectors(self, rows: torch.Tensor) -> torch.Tensor:
         """Attention vector of item rows: item table + the item's category table."""
-        return self.item_dropout(self.attn_item(rows)) + self.attn_cat(self.row_category[rows])
+        return self.attn_item(rows) + self.attn_cat(self.row_category[rows])
 
     def time_bias(self) -> torch.Tensor:
         """Per-bucket bias <tau_0, tau(bucket)>: the folded target-time term of the attention."""

@@ -54,7 +54,7 @@ class TrainConfig:
     fm_dim: int = 32
     fm_hidden: int = 64
     fm_dropout: float = 0.3
-    item_dropout: float = 0.0
+    item_dropout: float = 0.5
     patience: int = 2
     max_train_samples: int | None = None
     progress: bool = True

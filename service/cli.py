@@ -49,6 +49,10 @@ def train(
     max_seq_len: int = typer.Option(2000, help="history events kept per impression (most recent)"),
     fm_dim: int = typer.Option(32, help="fm: user embedding size"),
     patience: int = typer.Option(2, help="epochs without validation AUC gain before stopping"),
+    item_dropout: float = typer.Option(
+        0.5, help="dropout on item-level embeddings (regularizes sparse items)"
+    ),
+    fm_dropout: float = typer.Option(0.3, help="share of training impressions seen without FM embedding"),
     max_train_samples: int | None = typer.Option(None, help="subsample the training split"),
     progress: bool = typer.Option(True, help="progress bars and log lines on stderr"),
 ) -> None:
@@ -81,6 +85,8 @@ def train(
         max_seq_len=max_seq_len,
         fm_dim=fm_dim,
         patience=patience,
+        item_dropout=item_dropout,
+        fm_dropout=fm_dropout,
         max_train_samples=max_train_samples,
         progress=progress,
     )
@@ -294,6 +300,90 @@ def ingest(
         typer.echo(f"error: feature store: {e}", err=True)
         raise typer.Exit(code=1) from None
     typer.echo(orjson.dumps(stats).decode())
+
+
+@app.command()
+def serve(
+    bundles: Path = typer.Option(..., envvar="DARE_BUNDLES", help="bundle root: ROOT/<variant>/<version>/"),
+    redis_url: str | None = typer.Option(
+        None, envvar="DARE_REDIS_URL", help="feature store in Redis (default: in-memory)"
+    ),
+    host: str = typer.Option("127.0.0.1", envvar="DARE_HOST", help="interface to listen on"),
+    port: int = typer.Option(8000, envvar="DARE_PORT", help="TCP port"),
+    data: Path | None = typer.Option(
+        None, help="load DATA/events.parquet into the feature store at start-up (for the in-memory store)"
+    ),
+    fm_embeddings: Path | None = typer.Option(
+        None, help="load an FM embeddings parquet (fm-embed --out) and make its version active"
+    ),
+    log_level: str = typer.Option("info", envvar="DARE_LOG_LEVEL", help="debug | info | warning | error"),
+    access_log: bool = typer.Option(False, help="log every request (uvicorn access log)"),
+) -> None:
+    """Run the ranker service (uvicorn, one worker, uvloop + httptools). Other settings: DARE_* env."""
+    import logging
+
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    given = {
+        "bundles": bundles,
+        "redis_url": redis_url,
+        "load_events": data,
+        "load_fm_embeddings": fm_embeddings,
+    }
+    try:
+        # Only what was given on the command line; the rest still comes from DARE_* variables.
+        settings = Settings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors()
+        )
+        raise _fail(f"invalid settings: {problems}") from None
+    if log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
+        raise _fail(f"--log-level must be debug, info, warning, error or critical, not {log_level!r}")
+    if not settings.bundles.is_dir():
+        raise _fail(f"--bundles {settings.bundles}: not a directory")
+    if data is not None and not (data / "events.parquet").is_file():
+        raise _fail(f"--data {data}: no events.parquet there")
+    if fm_embeddings is not None and not fm_embeddings.is_file():
+        raise _fail(f"--fm-embeddings {fm_embeddings}: no such file")
+    import uvicorn
+
+    from service.app import create_app
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        workers=1,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        log_level=log_level.lower(),
+        access_log=access_log,
+        # Let in-flight requests finish on SIGTERM, but never hang a rolling restart.
+        timeout_graceful_shutdown=10,
+    )
+
+
+@app.command()
+def demo(
+    port: int = typer.Option(8000, help="TCP port to serve on"),
+    host: str = typer.Option("127.0.0.1", help="interface to listen on"),
+    redis_url: str | None = typer.Option(
+        None, envvar="DARE_REDIS_URL", help="use Redis (default: in-memory)"
+    ),
+    workdir: Path = typer.Option(Path(".dare/demo"), help="where data, bundles and embeddings are kept"),
+    smoke: bool = typer.Option(
+        False, help="send real requests to the server, check them, exit 0 if all right"
+    ),
+) -> None:
+    """The main job: synthetic data, train fm/dare/coupled, fill the feature store, serve a 50/50 A/B test."""
+    from service.demo import run_demo
+
+    raise typer.Exit(code=run_demo(workdir, host, port, redis_url, smoke))
 
 
 if __name__ == "__main__":

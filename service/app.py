@@ -1,0 +1,213 @@
+"""The FastAPI app: `create_app(settings)` and the lifespan that builds the one frozen AppState.
+
+Everything heavy (bundles with their ORT sessions and FAISS indexes, the feature store, the
+compute threads, the batcher, the directory watch) is built in the lifespan and torn down through
+one AsyncExitStack in reverse order; nothing happens at import time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+
+from feature_store.base import FeatureStore
+from feature_store.factory import open_feature_store
+from service.batching import Batcher
+from service.core.pipeline import ScoringModel
+from service.core.runtime import DeviceUnavailable, choose_providers, faiss_gpus, single_threaded_numerics
+from service.core.search import Stage1Engine, gpu_available
+from service.errors import install_error_handlers
+from service.metrics import Metrics
+from service.middleware import RequestContextMiddleware
+from service.registry import ModelRegistry, require_models
+from service.routes import admin, events, health, models, score
+from service.schemas import DeviceInfo
+from service.scoring import ScoreJob, ScoreOutcome, Scorer
+from service.settings import Settings
+from service.state import STATE_KEY, AppState
+
+logger = logging.getLogger("dare.service")
+
+# Bulk loads at start-up get their own generous timeout, not the per-request budget.
+_LOAD_TIMEOUT_S = 60.0
+
+
+async def load_startup_data(settings: Settings, store: FeatureStore) -> None:
+    """`serve --data` / `--fm-embeddings`: fill the feature store before serving."""
+    if settings.load_events is None and settings.load_fm_embeddings is None:
+        return
+    loader = store
+    if settings.redis_dsn is not None:
+        loader = open_feature_store(
+            settings.redis_dsn,
+            cluster=settings.redis_cluster,
+            timeout_s=_LOAD_TIMEOUT_S,
+            namespace=settings.redis_namespace,
+            max_len=store.max_len,
+        )
+    try:
+        if settings.load_events is not None:
+            import pandas as pd
+
+            from feature_store.ingest import ingest_events
+
+            path = Path(settings.load_events) / "events.parquet"
+            frame = await asyncio.to_thread(
+                pd.read_parquet, path, columns=["user_id", "item_id", "timestamp"]
+            )
+            stats = await ingest_events(loader, frame, progress=False)
+            logger.info("loaded %d events of %d users from %s", stats.events, stats.users, path)
+        if settings.load_fm_embeddings is not None:
+            from exporters.fm_embed import read_embeddings_file
+
+            emb = await asyncio.to_thread(read_embeddings_file, Path(settings.load_fm_embeddings))
+            await loader.write_fm_embeddings(
+                emb.fm_version, emb.user_ids, emb.vectors, written_at=emb.written_at
+            )
+            await loader.set_active_fm_version(emb.fm_version)
+            logger.info("loaded %d FM embeddings, active FM version %s", len(emb.user_ids), emb.fm_version)
+    finally:
+        if loader is not store:
+            await loader.aclose()
+
+
+def device_info(
+    settings: Settings, providers: list[str], available: list[str], engine: Stage1Engine
+) -> DeviceInfo:
+    return DeviceInfo(
+        setting=settings.device,
+        execution_providers=providers,
+        available_providers=available,
+        faiss_gpus=faiss_gpus(),
+        faiss_device=engine.faiss_device,
+    )
+
+
+def stage1_engine(settings: Settings) -> Stage1Engine:
+    """GPU FAISS when one is there and allowed, else the CPU engine on `search_threads` threads."""
+    if settings.device != "cpu" and gpu_available():
+        return Stage1Engine(device="cuda")
+    if settings.device == "cuda":
+        raise DeviceUnavailable("DARE_DEVICE=cuda but FAISS sees no GPU (install the gpu extra: faiss-gpu)")
+    return Stage1Engine(threads=settings.search_threads)
+
+
+@contextlib.asynccontextmanager
+async def build_state(settings: Settings) -> AsyncIterator[AppState]:
+    """Build the AppState; everything acquired is released in reverse order on exit."""
+    import onnxruntime as ort
+
+    async with contextlib.AsyncExitStack() as stack:
+        available = list(ort.get_available_providers())
+        providers = choose_providers(settings.device, available)
+        engine = stage1_engine(settings)
+        stack.callback(engine.close)
+        device = device_info(settings, providers, available, engine)
+        logger.info(
+            "stage 2 on ONNX Runtime %s with %s (device=%s); stage 1 on FAISS %s",
+            ort.__version__, ", ".join(providers), settings.device, device.faiss_device,
+        )  # fmt: skip
+        metrics = Metrics()
+        store = open_feature_store(
+            settings.redis_dsn,
+            cluster=settings.redis_cluster,
+            timeout_s=settings.feature_timeout_s,
+            fm_ttl_s=settings.fm_ttl_s,
+            pool_size=settings.redis_pool_size,
+            namespace=settings.redis_namespace,
+        )
+        stack.push_async_callback(store.aclose)
+        metrics.watch_store(store.stats)
+        logger.info(
+            "feature store: %s",
+            "in-memory" if settings.redis_url is None else f"redis (namespace {settings.redis_namespace})",
+        )
+        await load_startup_data(settings, store)
+
+        executor = ThreadPoolExecutor(
+            settings.compute_threads, thread_name_prefix="dare-compute", initializer=single_threaded_numerics
+        )
+        stack.callback(executor.shutdown, wait=True, cancel_futures=True)
+
+        registry = ModelRegistry(
+            settings.bundles,
+            providers=providers,
+            ort_threads=settings.ort_threads,
+            configured_weights=settings.variant_weights,
+            metrics=metrics,
+        )
+        await registry.reload()
+        require_models(registry)
+        if not registry.current.models:
+            logger.error("no valid bundle under %s: not ready until one is loaded", settings.bundles)
+
+        def make_batcher(scorer: Scorer) -> Batcher[ScoringModel, ScoreJob, ScoreOutcome]:
+            return Batcher(
+                scorer.run_batch,
+                max_size=settings.batch_max_size,
+                max_wait_s=settings.batch_max_wait_ms / 1000.0,
+                max_concurrency=settings.batch_max_concurrency,
+            )
+
+        scorer = Scorer(
+            store,
+            executor,
+            metrics,
+            retry_after_s=settings.retry_after_s,
+            fm_use_expired=settings.fm_use_expired,
+            batcher_factory=make_batcher if settings.batch_enabled else None,
+            engine=engine,
+        )
+        if scorer.batcher is not None:
+            scorer.batcher.start()
+            stack.push_async_callback(scorer.batcher.aclose)
+
+        if settings.watch_bundles:
+            watch = asyncio.create_task(registry.watch(settings.watch_interval_s), name="dare-bundle-watch")
+
+            async def stop_watch() -> None:
+                watch.cancel()
+                await asyncio.gather(watch, return_exceptions=True)
+
+            stack.push_async_callback(stop_watch)
+        yield AppState(settings, store, registry, scorer, metrics, device, time.time())
+        logger.info("shutting down")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The ranker app; `settings` default to the environment (DARE_*)."""
+    settings = settings if settings is not None else Settings()  # type: ignore[call-arg]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        async with build_state(settings) as state:
+            yield {STATE_KEY: state}
+
+    app = FastAPI(
+        title="dare-serve",
+        summary="Long-sequence recommendation ranker: FAISS behavior search + ONNX Runtime ranking",
+        version=_version(),
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
+    for router in (score.router, events.router, models.router, health.router, admin.router):
+        app.include_router(router)
+    return app
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dare-serve")
+    except PackageNotFoundError:
+        return "0+unknown"

@@ -1,0 +1,204 @@
+"""Both stages for a batch of requests of one ranker: rows and buckets, FAISS search, one ORT call.
+
+Plain synchronous numpy / FAISS / ONNX Runtime: the service runs `score_jobs` in a worker thread,
+benchmarks and tests call it directly. No I/O, no asyncio, no HTTP.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import numpy as np
+
+from exporters.bundle import Bundle
+from exporters.features import time_buckets
+from service.core.ranking import FeedPool, RankInput, rank_batch
+from service.core.search import Stage1Engine, search_keys, search_queries
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ScoringModel:
+    """A loaded ranker bundle with what serving adds: its feed buffers and the providers in use."""
+
+    bundle: Bundle
+    feeds: FeedPool
+    providers: tuple[str, ...]
+    loaded_at: float
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle) -> ScoringModel:
+        """Wrap a verified ranker bundle and run it once, so no request pays ORT's first-run setup."""
+        if bundle.manifest.model == "fm" or bundle.attention is None or bundle.time_bias is None:
+            raise ValueError(f"{bundle.path} is not a ranker bundle")
+        m = bundle.manifest
+        model = cls(bundle, FeedPool(m.top_k, m.dims.fm), tuple(bundle.session.get_providers()), time.time())
+        warm = PreparedJob(
+            np.array([1], np.int64), np.array([1, 1], np.int64), np.array([0, 1], np.int64), None, 0
+        )
+        score_jobs(model, [warm, warm])
+        return model
+
+    @property
+    def variant(self) -> str:
+        return self.bundle.manifest.variant
+
+    @property
+    def version(self) -> str:
+        return self.bundle.manifest.version
+
+    @property
+    def top_k(self) -> int:
+        return self.bundle.manifest.top_k
+
+    @property
+    def fm_dim(self) -> int:
+        return self.bundle.manifest.dims.fm
+
+    @property
+    def fm_version(self) -> str | None:
+        return self.bundle.manifest.fm_version
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.bundle.manifest.max_seq_len
+
+
+class FmUse(str, Enum):
+    """What the ranker is given for the FM input, and what the response reports."""
+
+    HIT = "hit"
+    MISS = "miss"
+    STALE = "stale"
+
+
+def fm_input(
+    status: str,
+    vector: np.ndarray | None,
+    version: str | None,
+    wanted: str | None,
+    fm_dim: int,
+    use_expired: bool,
+) -> tuple[np.ndarray | None, FmUse]:
+    """The FM vector to feed (None: absent, presence flag 0) and the status to report.
+
+    A stale vector of *another* FM version lives in a different embedding space: never fed. A
+    stale vector of the bundle's own version is only old (past the TTL): fed when `use_expired`.
+    """
+    reported = FmUse(status)
+    if fm_dim == 0 or vector is None or reported is FmUse.MISS:
+        return None, reported
+    if vector.shape != (fm_dim,):
+        # Written by another FM than the bundle expects; feeding it would be garbage in.
+        return None, FmUse.MISS
+    if reported is FmUse.STALE and not (use_expired and wanted is not None and version == wanted):
+        return None, reported
+    return np.ascontiguousarray(vector, dtype=np.float32), reported
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class PreparedJob:
+    """One request in bundle rows: candidates [C], the user's behaviors [L] with time buckets."""
+
+    cand_rows: np.ndarray
+    beh_rows: np.ndarray
+    beh_buckets: np.ndarray
+    fm: np.ndarray | None
+    unknown_candidates: int
+
+
+def prepare_job(
+    model: ScoringModel,
+    candidates: np.ndarray,
+    items: np.ndarray,
+    timestamps: np.ndarray,
+    now: int,
+    fm: np.ndarray | None,
+) -> PreparedJob:
+    """Map raw candidate and behavior ids to rows (unknown: row 0) and behavior ages to buckets."""
+    cand_rows = model.bundle.rows(candidates)
+    beh_rows = model.bundle.rows(items)
+    buckets = time_buckets(np.int64(now) - np.asarray(timestamps, np.int64))
+    return PreparedJob(cand_rows, beh_rows, buckets, fm, int(np.count_nonzero(cand_rows == 0)))
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ScoredJob:
+    """Scores [C] in candidate order; positions [C, k] into the user's sequence and their attention."""
+
+    probabilities: np.ndarray
+    positions: np.ndarray
+    attention: np.ndarray
+    search_s: float  # the batch's stage 1 (the engine searches the batch's requests together)
+    rank_s: float  # the batch's stage 2 (one ORT call shared by the batch)
+
+
+def search_pairs(model: ScoringModel, job: PreparedJob) -> tuple[np.ndarray, np.ndarray]:
+    """Stage-1 inputs of one request: candidate queries [C, d+1] and behavior keys [L, d+1]."""
+    b = model.bundle
+    assert b.attention is not None and b.time_bias is not None
+    return search_queries(b.attention, job.cand_rows), search_keys(
+        b.attention, b.time_bias, job.beh_rows, job.beh_buckets
+    )
+
+
+def checked_positions(model: ScoringModel, job: PreparedJob, positions: np.ndarray) -> np.ndarray:
+    """Stage-1 positions [C, k] (k = min(K, L)), validated against the request's shape."""
+    c, k = len(job.cand_rows), min(model.top_k, len(job.beh_rows))
+    positions = np.asarray(positions, dtype=np.int64)
+    if positions.shape != (c, k) or (
+        positions.size and (positions.min() < 0 or positions.max() >= len(job.beh_rows))
+    ):
+        raise RuntimeError(f"stage 1 returned positions of shape {positions.shape}, expected ({c}, {k})")
+    return positions
+
+
+_SERIAL = Stage1Engine(threads=1)
+
+
+def score_jobs(
+    model: ScoringModel, jobs: Sequence[PreparedJob], engine: Stage1Engine | None = None
+) -> list[ScoredJob]:
+    """Both stages for a batch of one model: the batch's searches on the stage-1 engine, one ORT call."""
+    engine = engine if engine is not None else _SERIAL
+    t0 = time.perf_counter()
+    # cold-start users have nothing to search; stage 2 sees an all-padding history for them
+    searched = [i for i, job in enumerate(jobs) if len(job.beh_rows)]
+    results = engine.search([search_pairs(model, jobs[i]) for i in searched], model.top_k)
+    positions = [np.zeros((len(job.cand_rows), 0), np.int64) for job in jobs]
+    for i, res in zip(searched, results, strict=True):
+        positions[i] = checked_positions(model, jobs[i], res.positions)
+    search_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    inputs = [
+        RankInput(job.cand_rows, job.beh_rows[pos], job.beh_buckets[pos], job.fm)
+        for job, pos in zip(jobs, positions, strict=True)
+    ]
+    outputs = rank_batch(model.bundle.session, model.feeds, inputs)
+    rank_s = time.perf_counter() - t0
+    return [
+        ScoredJob(out.probabilities, pos, out.attention, search_s, rank_s)
+        for out, pos in zip(outputs, positions, strict=True)
+    ]
+
+
+def model_summary(model: ScoringModel) -> dict[str, Any]:
+    """What `/v1/models` shows of one loaded model."""
+    m = model.bundle.manifest
+    return {
+        "variant": m.variant,
+        "version": m.version,
+        "model": m.model,
+        "dims": m.dims.model_dump(),
+        "top_k": m.top_k,
+        "max_seq_len": m.max_seq_len,
+        "n_items": m.n_items,
+        "fm_version": m.fm_version,
+        "metrics": m.metrics,
+        "created_at": m.created_at,
+        "loaded_at": model.loaded_at,
+        "execution_providers": list(model.providers),
+    }

@@ -1,0 +1,33 @@
+"""`POST /v1/events`: append behaviors to a user's sequence in the feature store."""
+
+from __future__ import annotations
+
+import numpy as np
+from fastapi import APIRouter
+
+from feature_store.errors import FeatureStoreError
+from service.deps import StateDep, WriterDep
+from service.schemas import EventsRequest, EventsResponse, problem_responses
+from service.scoring import store_error, store_error_kind
+
+router = APIRouter(tags=["events"])
+
+
+@router.post(
+    "/v1/events",
+    response_model=EventsResponse,
+    responses=problem_responses(401, 403, 413, 422, 500, 503),
+    summary="Append behaviors",
+)
+async def append_events(body: EventsRequest, state: StateDep, _: WriterDep) -> EventsResponse:
+    """Append behaviors atomically; the next score for this user sees them."""
+    items = np.fromiter((e.item_id for e in body.events), dtype=np.int64, count=len(body.events))
+    times = np.fromiter((e.timestamp for e in body.events), dtype=np.int64, count=len(body.events))
+    try:
+        length = await state.store.append_events(body.user_id, items, times)
+    except FeatureStoreError as exc:
+        state.metrics.feature_store_errors.labels(store_error_kind(exc)).inc()
+        # A timed-out append has an unknown outcome (applied once or not at all); the 503 says retry.
+        raise store_error(exc, state.settings.retry_after_s) from exc
+    state.metrics.events_appended.inc(len(body.events))
+    return EventsResponse(user_id=body.user_id, appended=len(body.events), sequence_length=length)

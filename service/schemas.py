@@ -1,0 +1,185 @@
+"""API models (pydantic v2): the request and response bodies of the HTTP contract in DESIGN.md."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
+
+INT64_MAX = 2**63 - 1
+UINT32_MAX = 2**32 - 1  # the feature store keeps timestamps as uint32 seconds (until 2106)
+
+# Strict: "12" and 12.0 are refused rather than coerced, so a client bug shows up as a 422.
+ItemId = Annotated[int, Field(strict=True, ge=0, le=INT64_MAX, description="item id, non-negative int64")]
+Timestamp = Annotated[int, Field(strict=True, ge=0, le=UINT32_MAX, description="seconds since the epoch")]
+UserId = Annotated[str, Field(min_length=1, max_length=256, description="user id")]
+
+
+class ScoreRequest(BaseModel):
+    """`POST /v1/score` body."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"user_id": "u42", "candidates": [101, 202, 303], "explain": False}]},
+    )
+
+    user_id: UserId
+    candidates: list[ItemId] = Field(
+        min_length=1, description="item ids to score (1 to DARE_MAX_CANDIDATES; duplicates allowed)"
+    )
+    explain: StrictBool = Field(False, description="add the retrieved behaviors and attention per candidate")
+    timestamp: Timestamp | None = Field(
+        None,
+        description="score as of this time: the reference clock of the behaviors' ages "
+        "(default: now); behaviors are not filtered by it",
+    )
+
+
+class ExplainedBehavior(BaseModel):
+    """One behavior retrieved by stage 1 for a candidate, with its stage-2 attention weight."""
+
+    item_id: int
+    timestamp: int
+    attention: float
+
+
+class ExplainedCandidate(BaseModel):
+    """The top-K behaviors of one candidate, best first by stage-1 score."""
+
+    item_id: int
+    behaviors: list[ExplainedBehavior]
+
+
+class UserSummary(BaseModel):
+    """What the service found about the user."""
+
+    sequence_length: int = Field(description="behaviors read (the newest, up to the bundle's max_seq_len)")
+    fm_embedding: Literal["hit", "miss", "stale"]
+    cold_start: bool = Field(description="no behaviors and no FM embedding fed to the ranker")
+
+
+class ScoreResponse(BaseModel):
+    """`POST /v1/score` 200 body."""
+
+    request_id: str
+    variant: str
+    model_version: str
+    scores: list[float] = Field(description="click probability of candidates[i], same order")
+    user: UserSummary
+    unknown_items: int = Field(0, description="candidates the model does not know (scored as unknown)")
+    explain: list[ExplainedCandidate] | None = None
+
+
+class Event(BaseModel):
+    """One behavior."""
+
+    model_config = ConfigDict(extra="forbid")
+    item_id: ItemId
+    timestamp: Timestamp
+
+
+class EventsRequest(BaseModel):
+    """`POST /v1/events` body."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"user_id": "u42", "events": [{"item_id": 7, "timestamp": 1700000000}]}]
+        },
+    )
+    user_id: UserId
+    events: list[Event] = Field(min_length=1, max_length=10_000)
+
+
+class EventsResponse(BaseModel):
+    """`POST /v1/events` 200 body."""
+
+    user_id: str
+    appended: int
+    sequence_length: int = Field(description="stored behaviors after the append (capped)")
+
+
+class ModelInfo(BaseModel):
+    """One serving model."""
+
+    variant: str
+    version: str
+    model: str
+    dims: dict[str, int]
+    top_k: int
+    max_seq_len: int
+    n_items: int
+    fm_version: str | None
+    metrics: dict[str, Any]
+    created_at: str
+    loaded_at: float
+    weight: float = Field(description="share of hash-assigned traffic")
+    execution_providers: list[str]
+
+
+class DeviceInfo(BaseModel):
+    """Where stage 1 and stage 2 run."""
+
+    setting: str
+    execution_providers: list[str] = Field(description="ONNX Runtime providers in use, by priority")
+    available_providers: list[str]
+    faiss_gpus: int
+    faiss_device: Literal["cpu", "cuda"]
+
+
+class ModelsResponse(BaseModel):
+    """`GET /v1/models` body."""
+
+    variants: list[ModelInfo]
+    weights: dict[str, float]
+    device: DeviceInfo
+    batching: dict[str, Any]
+
+
+class RefusedBundle(BaseModel):
+    variant: str
+    version: str
+    reason: str
+
+
+class ReloadResponse(BaseModel):
+    """`POST /admin/reload` 200 body."""
+
+    changed: bool
+    loaded: list[dict[str, str]]
+    refused: list[RefusedBundle]
+    serving: dict[str, str]
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: str
+    serving: dict[str, str]
+    feature_store: str
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details (`application/problem+json`)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str
+    title: str
+    status: int
+    detail: str | None = None
+    instance: str | None = None
+    request_id: str | None = None
+
+
+def problem_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries documenting problem+json answers."""
+    return {
+        code: {
+            "model": Problem,
+            "content": {"application/problem+json": {}},
+            "description": "problem details",
+        }
+        for code in codes
+    }

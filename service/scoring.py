@@ -1,0 +1,223 @@
+"""The asynchronous edge of scoring: feature read, then the pure core in a worker thread.
+
+`Scorer.run_batch` serves a batch of requests of one model: one `read_users` round trip for the
+batch's distinct users, then `score_jobs` (the batch's stage 1 on the engine, one ORT call) in the compute
+thread pool, never on the event loop. With batching off every request is a batch of one, so
+both paths share this code and give identical scores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import numpy as np
+
+from feature_store.base import FeatureStore, UserFeatures
+from feature_store.errors import (
+    CorruptFeatureData,
+    FeatureStoreError,
+    FeatureStoreUnavailable,
+    InvalidFeatureData,
+)
+from service.batching import Batcher
+from service.core.pipeline import FmUse, ScoredJob, ScoringModel, fm_input, prepare_job, score_jobs
+from service.core.search import Stage1Engine
+from service.errors import (
+    CorruptUserData,
+    DareServeError,
+    FeatureStoreUnavailableError,
+    InvalidRequest,
+)
+from service.metrics import Metrics
+
+logger = logging.getLogger("dare.service")
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ScoreJob:
+    """One score request as the scorer takes it."""
+
+    user_id: str
+    candidates: np.ndarray  # raw item ids, int64 [C]
+    now: int  # reference time of the behaviors' ages (seconds)
+    explain: bool
+    submitted: float  # perf_counter() when the request reached the scorer
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ScoreOutcome:
+    """A scored request, with what the response and the metrics report."""
+
+    scored: ScoredJob
+    items: np.ndarray  # the user's behaviors that were searched (raw ids), for explain
+    timestamps: np.ndarray
+    sequence_length: int
+    fm: FmUse
+    fm_used: bool
+    unknown_candidates: int
+    queue_s: float
+    feature_s: float
+    batch_size: int
+
+    @property
+    def cold_start(self) -> bool:
+        return self.sequence_length == 0 and not self.fm_used
+
+
+def store_error(exc: FeatureStoreError, retry_after_s: int) -> DareServeError:
+    """The service error for a feature-store error (Redis details stay in the log)."""
+    if isinstance(exc, InvalidFeatureData):
+        return InvalidRequest(f"the feature store cannot hold these values: {exc}")
+    if isinstance(exc, CorruptFeatureData):
+        return CorruptUserData("the stored data of this user does not decode; it was logged")
+    # Unavailable, and any other store failure: the request may succeed once Redis is back.
+    logger.warning("feature store: %s", exc)
+    return FeatureStoreUnavailableError(
+        "the feature store did not answer in time; retry later",
+        headers={"Retry-After": str(retry_after_s)},
+    )
+
+
+def store_error_kind(exc: FeatureStoreError) -> str:
+    if isinstance(exc, FeatureStoreUnavailable):
+        return "unavailable"
+    if isinstance(exc, CorruptFeatureData):
+        return "corrupt"
+    return "error"
+
+
+class Scorer:
+    """Scores requests of a chosen model, batched or not."""
+
+    def __init__(
+        self,
+        store: FeatureStore,
+        executor: Executor,
+        metrics: Metrics,
+        *,
+        retry_after_s: int,
+        fm_use_expired: bool,
+        batcher_factory: Callable[[Scorer], Batcher[ScoringModel, ScoreJob, ScoreOutcome]] | None = None,
+        engine: Stage1Engine | None = None,
+    ) -> None:
+        self.store = store
+        self.executor = executor
+        self.metrics = metrics
+        self.retry_after_s = retry_after_s
+        self.fm_use_expired = fm_use_expired
+        self.batcher = batcher_factory(self) if batcher_factory else None
+        self.engine = engine
+
+    async def score(self, model: ScoringModel, job: ScoreJob) -> ScoreOutcome:
+        """Score one request (through the batcher when batching is on); records the metrics."""
+        variant = model.variant
+        try:
+            if self.batcher is not None:
+                outcome = await self.batcher.submit(model, job)
+            else:
+                result = (await self.run_batch(model, [job]))[0]
+                if isinstance(result, BaseException):
+                    raise result
+                outcome = result
+        except FeatureStoreUnavailableError:
+            self.metrics.score_requests.labels(variant, "unavailable").inc()
+            raise
+        except CorruptUserData:
+            self.metrics.score_requests.labels(variant, "corrupt").inc()
+            raise
+        except Exception:
+            self.metrics.score_requests.labels(variant, "error").inc()
+            raise
+        self._observe(variant, job, outcome)
+        return outcome
+
+    def _observe(self, variant: str, job: ScoreJob, o: ScoreOutcome) -> None:
+        m = self.metrics
+        m.score_requests.labels(variant, "ok").inc()
+        m.score_latency.labels(variant).observe(time.perf_counter() - job.submitted)
+        m.stage_latency.labels(variant, "queue").observe(o.queue_s)
+        m.stage_latency.labels(variant, "feature").observe(o.feature_s)
+        m.stage_latency.labels(variant, "search").observe(o.scored.search_s)
+        m.stage_latency.labels(variant, "rank").observe(o.scored.rank_s)
+        m.fm_embeddings.labels(variant, o.fm.value).inc()
+        m.candidates.labels(variant).observe(len(job.candidates))
+        if o.unknown_candidates:
+            m.unknown_items.labels(variant).inc(o.unknown_candidates)
+        if o.cold_start:
+            m.cold_starts.labels(variant).inc()
+
+    async def read_features(self, model: ScoringModel, user_ids: list[str]) -> dict[str, UserFeatures | None]:
+        """One round trip for the batch's users; None for a user whose stored data is corrupt."""
+        try:
+            users = await self.store.read_users(
+                user_ids, fm_version=model.fm_version, max_len=model.max_seq_len
+            )
+        except CorruptFeatureData as exc:
+            self.metrics.feature_store_errors.labels("corrupt").inc()
+            if exc.partial is None:  # e.g. the FM version pointer itself: nothing is usable
+                raise store_error(exc, self.retry_after_s) from exc
+            return dict(zip(user_ids, exc.partial, strict=True))
+        except FeatureStoreError as exc:
+            self.metrics.feature_store_errors.labels(store_error_kind(exc)).inc()
+            raise store_error(exc, self.retry_after_s) from exc
+        return dict(zip(user_ids, users, strict=True))
+
+    async def run_batch(
+        self, model: ScoringModel, jobs: list[ScoreJob]
+    ) -> list[ScoreOutcome | BaseException]:
+        """Score a batch of requests of one model: one feature read, one compute call."""
+        started = time.perf_counter()
+        self.metrics.batch_size.labels(model.variant).observe(len(jobs))
+        features = await self.read_features(model, list(dict.fromkeys(j.user_id for j in jobs)))
+        feature_s = time.perf_counter() - started
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self.executor, self._compute, model, jobs, features, started, feature_s
+        )
+
+    def _compute(
+        self,
+        model: ScoringModel,
+        jobs: list[ScoreJob],
+        features: dict[str, UserFeatures | None],
+        started: float,
+        feature_s: float,
+    ) -> list[ScoreOutcome | BaseException]:
+        """Worker-thread part: rows, buckets and FM choice per request, then both stages."""
+        results: list[ScoreOutcome | BaseException] = []
+        prepared = []
+        for job in jobs:
+            user = features[job.user_id]
+            if user is None:
+                results.append(store_error(CorruptFeatureData("corrupt user data"), self.retry_after_s))
+                continue
+            fm = user.fm
+            vector, status = fm_input(
+                fm.status.value, fm.vector, fm.version, model.fm_version, model.fm_dim, self.fm_use_expired
+            )
+            seq = user.sequence
+            prep = prepare_job(model, job.candidates, seq.items, seq.timestamps, job.now, vector)
+            prepared.append((len(results), job, user, prep, status))
+            results.append(RuntimeError("not scored"))  # replaced below
+        if prepared:
+            scored = score_jobs(model, [p[3] for p in prepared], self.engine)
+            for (slot, job, user, prep, status), s in zip(prepared, scored, strict=True):
+                seq = user.sequence
+                results[slot] = ScoreOutcome(
+                    scored=s,
+                    items=seq.items,
+                    timestamps=seq.timestamps,
+                    sequence_length=len(seq),
+                    fm=status,
+                    fm_used=prep.fm is not None,
+                    unknown_candidates=prep.unknown_candidates,
+                    queue_s=max(0.0, started - job.submitted),
+                    feature_s=feature_s,
+                    batch_size=len(jobs),
+                )
+        return results

@@ -1,0 +1,115 @@
+"""The pure scoring core without HTTP: FM choice, stage-2 assembly, both stages, providers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from exporters.bundle import load_bundle
+from service.core.pipeline import FmUse, ScoringModel, fm_input, prepare_job, score_jobs
+from service.core.ranking import FeedPool, RankInput, rank_batch
+from service.core.runtime import CPU, CUDA, DeviceUnavailable, choose_providers, session_options
+from service.core.search import Stage1Engine
+from tests.conftest import TinyModels
+
+VEC = np.arange(4, dtype=np.float32)
+
+
+@pytest.mark.parametrize(
+    "status,version,wanted,use_expired,fed,reported",
+    [
+        ("hit", "fm:1", "fm:1", True, True, FmUse.HIT),
+        ("miss", None, "fm:1", True, False, FmUse.MISS),
+        ("stale", "fm:0", "fm:1", True, False, FmUse.STALE),  # another FM version: never fed
+        ("stale", "fm:1", "fm:1", True, True, FmUse.STALE),  # past the TTL only
+        ("stale", "fm:1", "fm:1", False, False, FmUse.STALE),
+    ],
+)
+def test_fm_input(status: str, version, wanted, use_expired: bool, fed: bool, reported: FmUse) -> None:
+    vector = None if status == "miss" else VEC
+    got, rep = fm_input(status, vector, version, wanted, 4, use_expired)
+    assert rep is reported and (got is not None) == fed
+
+
+def test_fm_input_refuses_wrong_dimension_and_fm_less_models() -> None:
+    assert fm_input("hit", np.zeros(3, np.float32), "fm:1", "fm:1", 4, True) == (None, FmUse.MISS)
+    assert fm_input("hit", VEC, "fm:1", None, 0, True)[0] is None
+
+
+@pytest.fixture(scope="module")
+def model(tiny_models: TinyModels) -> ScoringModel:
+    return ScoringModel.from_bundle(
+        load_bundle(tiny_models.root / "dare" / "1", session_options=session_options(1))
+    )
+
+
+def _random_inputs(rng: np.random.Generator, n_items: int, k: int, fm_dim: int, n: int) -> list[RankInput]:
+    out = []
+    for _ in range(n):
+        c, kk = int(rng.integers(1, 30)), int(rng.integers(0, k + 1))
+        fm = rng.normal(size=fm_dim).astype(np.float32) if rng.random() < 0.5 else None
+        out.append(RankInput(rng.integers(0, n_items, c), rng.integers(0, n_items, (c, kk)),
+                             rng.integers(0, 64, (c, kk)), fm))  # fmt: skip
+    return out
+
+
+def test_batch_padding_never_changes_a_request(model: ScoringModel) -> None:
+    rng = np.random.default_rng(0)
+    m = model.bundle.manifest
+    inputs = _random_inputs(rng, m.n_items, m.top_k, m.dims.fm, 12)
+    together = rank_batch(model.bundle.session, model.feeds, inputs)
+    for x, out in zip(inputs, together, strict=True):
+        alone = rank_batch(model.bundle.session, model.feeds, [x])[0]
+        assert np.array_equal(alone.probabilities, out.probabilities)
+        assert np.array_equal(alone.attention, out.attention)
+        assert out.attention.shape == x.beh_rows.shape
+
+
+def test_feed_pool_grows_and_reuses() -> None:
+    pool = FeedPool(top_k=4, fm_dim=2, rows=2, batch=1)
+    x = RankInput(np.ones(3, np.int64), np.ones((3, 2), np.int64), np.zeros((3, 2), np.int64), None)
+    feeds, buf = pool.feeds([x, x])
+    assert feeds["behaviors"].shape == (2, 3, 4) and feeds["behaviors"].flags.c_contiguous
+    assert feeds["mask"][0, :, 2:].sum() == 0 and feeds["mask"][0, :, :2].all()
+    assert buf.rows >= 6 and feeds["fm_present"].tolist() == [0.0, 0.0]
+    pool.give_back(buf)
+    small, again = pool.feeds([x])
+    assert again is buf and small["candidates"].shape == (1, 3)
+
+
+def test_rank_batch_checks_shapes(model: ScoringModel) -> None:
+    k = model.top_k
+    bad = RankInput(np.ones(2, np.int64), np.ones((2, k + 1), np.int64), np.ones((2, k + 1), np.int64), None)
+    with pytest.raises(ValueError, match="behaviors per candidate"):
+        rank_batch(model.bundle.session, model.feeds, [bad])
+
+
+def test_both_stages_for_cold_and_long_users(model: ScoringModel) -> None:
+    rng = np.random.default_rng(1)
+    ids = model.bundle.item_ids[1:]
+    cands = np.r_[rng.choice(ids, 9), 10**12]
+    cold = prepare_job(model, cands, np.zeros(0, np.int64), np.zeros(0, np.int64), 1000, None)
+    items = rng.choice(ids, 200)
+    long = prepare_job(model, cands, items, np.sort(rng.integers(0, 900, 200)), 1000, None)
+    assert cold.unknown_candidates == long.unknown_candidates == 1
+    out = score_jobs(model, [cold, long])
+    assert out[0].positions.shape == (10, 0)
+    assert out[1].positions.shape == (10, model.top_k) and out[1].positions.min() >= 0
+    assert all(((o.probabilities > 0) & (o.probabilities < 1)).all() for o in out)
+    assert out[0].attention.shape == (10, 0) and np.allclose(out[1].attention.sum(1), 1.0, atol=1e-5)
+    # the threaded engine gives the same scores as the serial one
+    engine = Stage1Engine(threads=2)
+    try:
+        threaded = score_jobs(model, [cold, long, long], engine)
+    finally:
+        engine.close()
+    np.testing.assert_array_equal(threaded[1].probabilities, out[1].probabilities)
+    np.testing.assert_array_equal(threaded[2].positions, out[1].positions)
+
+
+def test_choose_providers() -> None:
+    assert choose_providers("auto", [CPU]) == [CPU]
+    assert choose_providers("auto", [CUDA, CPU]) == [CUDA, CPU]
+    assert choose_providers("cpu", [CUDA, CPU]) == [CPU]
+    with pytest.raises(DeviceUnavailable, match="onnxruntime-gpu"):
+        choose_providers("cuda", [CPU])

@@ -1,0 +1,88 @@
+"""The real `dare-serve serve` process (uvicorn, uvloop, httptools) against the session Redis."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import TinyModels
+from tests.redis_proc import free_port
+from tests.service.conftest import ServedData
+
+
+def _cli() -> list[str]:
+    script = Path(sys.executable).parent / "dare-serve"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "service.cli"]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DARE_")}
+    return env | extra
+
+
+def test_serve_process_end_to_end(tiny_models: TinyModels, served: ServedData, tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "serve.log"
+    cmd = [*_cli(), "serve", "--bundles", str(tiny_models.root), "--redis-url", served.redis_url,
+           "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(DARE_REDIS_NAMESPACE=served.namespace)
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        ready = False
+        while time.monotonic() < deadline and not ready:
+            assert proc.poll() is None, log.read_text()[-2000:]
+            try:
+                ready = httpx.get(base + "/readyz", timeout=2).status_code == 200
+            except httpx.TransportError:
+                time.sleep(0.1)
+        assert ready, log.read_text()[-2000:]
+        user = served.fm_users[0]
+        r = httpx.post(
+            base + "/v1/score",
+            json={"user_id": user, "candidates": served.items[:20], "explain": True},
+            headers={"X-Experiment": "dare", "X-Request-ID": "proc-1"},
+            timeout=10,
+        )
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["user"]["fm_embedding"] == "hit" and body["user"]["sequence_length"] > 0
+        assert r.headers["x-request-id"] == "proc-1" and "rank;dur=" in r.headers["server-timing"]
+        bad = httpx.post(base + "/v1/score", content=b"{oops", headers={"Content-Type": "application/json"})
+        assert bad.status_code == 400 and bad.headers["content-type"] == "application/problem+json"
+        models = httpx.get(base + "/v1/models").json()
+        assert models["device"]["execution_providers"][-1] == "CPUExecutionProvider"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log.read_text()
+    # uvicorn re-raises the signal after a graceful shutdown, so SIGTERM is the exit status
+    assert code in (0, -signal.SIGTERM) and "Application shutdown complete" in text, text[-2000:]
+    assert "CPUExecutionProvider" in text and "loaded dare/1" in text and "Traceback" not in text
+
+
+@pytest.mark.parametrize(
+    "args,env,message",
+    [
+        (["--bundles", "/no/such/root"], {}, "not a directory"),
+        (["--bundles", "."], {"DARE_MAX_CANDIDATES": "0"}, "max_candidates"),
+        (["--bundles", "."], {"DARE_REDIS_CLUSTER": "true"}, "DARE_REDIS_URL"),
+    ],
+)
+def test_serve_refuses_bad_settings(args: list[str], env: dict[str, str], message: str) -> None:
+    p = subprocess.run([*_cli(), "serve", *args], capture_output=True, text=True, env=_env(**env), timeout=60)
+    assert p.returncode == 2 and message in p.stderr, p.stderr
