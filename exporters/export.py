@@ -30,30 +30,17 @@ def _onnx_bytes(
         # The TorchScript exporter is deprecated upstream but exact and fast for these graphs;
         # the dynamo exporter is used only where the TorchScript one is gone.
         warnings.simplefilter("ignore")
+        common = {
+            "input_names": input_names,
+            "output_names": output_names,
+            "dynamic_axes": dynamic_axes,
+            "opset_version": OPSET,
+        }
         try:
-            torch.onnx.export(
-                module,
-                args,
-                buf,
-                input_names=input_names,
-                output_names=output_names,
-                dynamic_axes=dynamic_axes,
-                opset_version=OPSET,
-                dynamo=False,
-            )
+            torch.onnx.export(module, args, buf, dynamo=False, **common)
         except (TypeError, RuntimeError, NotImplementedError):
             buf = io.BytesIO()
-            torch.onnx.export(
-                module,
-                args,
-                buf,
-                input_names=input_names,
-                output_names=output_names,
-                dynamic_axes=dynamic_axes,
-                opset_version=OPSET,
-                dynamo=True,
-                external_data=False,
-            )
+            torch.onnx.export(module, args, buf, dynamo=True, external_data=False, **common)
     return buf.getvalue()
 
 

@@ -369,6 +369,70 @@ def serve(
 
 
 @app.command()
+def loadtest(
+    host: str = typer.Option(..., help="base URL of the server, e.g. http://127.0.0.1:8000 (loopback)"),
+    users: int = typer.Option(16, help="concurrent locust users"),
+    spawn_rate: float = typer.Option(8.0, help="users started per second"),
+    duration: str = typer.Option("60s", help="run time, e.g. 30s, 2m (at most 1h)"),
+    out: Path = typer.Option(Path("runs/loadtest"), help="folder for CSV, HTML, summary.json and the plot"),
+    data: Path | None = typer.Option(
+        None,
+        envvar="DARE_LT_DATA",
+        help="dataset whose users and items make the traffic (default: .dare/demo/data if present, "
+        "else cold-start users and item ids 1..n_items)",
+    ),
+    candidates: int = typer.Option(100, help="candidates per score request"),
+    experiment_share: float = typer.Option(0.2, help="share of score requests with X-Experiment"),
+    events_share: float = typer.Option(0.05, help="share of requests that are /v1/events appends"),
+    zipf: float = typer.Option(1.1, help="exponent of the zipfian user popularity"),
+    wait_ms: float = typer.Option(0.0, help="think time of a user between requests, uniform 0..W ms"),
+    seed: int = typer.Option(0),
+    write_token: str | None = typer.Option(
+        None, envvar="DARE_WRITE_TOKEN", help="bearer token of /v1/events, when the server needs one"
+    ),
+    allow_remote: bool = typer.Option(False, help="allow a host that is not a loopback address"),
+) -> None:
+    """Headless locust run with content checks; writes reports and prints one JSON line last."""
+    from loadtest.run import LoadTest, LoadTestError, check_host, default_data, one_line, parse_duration
+    from loadtest.workload import TrafficConfig, WorkloadError
+
+    try:
+        lt = LoadTest(
+            host=check_host(host, allow_remote),
+            users=users,
+            spawn_rate=spawn_rate,
+            duration_s=parse_duration(duration),
+            out=out.resolve(),
+            traffic=TrafficConfig(
+                data=default_data(data),
+                candidates=candidates,
+                experiment_share=experiment_share,
+                events_share=events_share,
+                zipf=zipf,
+                seed=seed,
+                wait_ms=wait_ms,
+                write_token=write_token,
+                out=out.resolve(),
+            ),
+        )
+    except WorkloadError as e:
+        raise _fail(str(e)) from None
+    from loadtest.run import run_loadtest
+
+    source = lt.traffic.data or "none: cold-start users, item ids from /v1/models"
+    typer.echo(f"dataset: {source}", err=True)
+    try:
+        summary = run_loadtest(lt)
+    except LoadTestError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(code=1) from None
+    if summary["exceptions"]:
+        typer.echo(f"error: the load test's own code raised: {summary['exceptions'][:3]}", err=True)
+        raise typer.Exit(code=1)
+    typer.echo(one_line(summary, lt.out))
+
+
+@app.command()
 def demo(
     port: int = typer.Option(8000, help="TCP port to serve on"),
     host: str = typer.Option("127.0.0.1", help="interface to listen on"),
