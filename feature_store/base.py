@@ -36,7 +36,7 @@ class Sequence:
         return cls(np.empty(0, np.int64), np.empty(0, np.int64))
 
 
-class FmStatus(str, enum.Enum):
+class FmStatus(enum.StrEnum):
     """Whether a cached FM embedding can be used as is."""
 
     HIT = "hit"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import sys
 import time
+from asyncio import timeout as _timeout
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
@@ -18,11 +18,6 @@ from feature_store import codec
 from feature_store.base import DEFAULT_MAX_LEN, FeatureStore, Sequence, UserFeatures, check_version
 from feature_store.errors import CorruptFeatureData, FeatureStoreError, FeatureStoreUnavailable
 from feature_store.keys import KeySpace
-
-if sys.version_info >= (3, 11):
-    from asyncio import timeout as _timeout
-else:  # redis-py depends on async-timeout below 3.11.3
-    from async_timeout import timeout as _timeout
 
 T = TypeVar("T")
 RedisClient = Redis | RedisCluster
@@ -131,7 +126,7 @@ class RedisFeatureStore(FeatureStore):
             async with _timeout(self._timeout_s), self._slots:
                 await self._ensure_topology()
                 return await fn()
-        except (asyncio.TimeoutError, TimeoutError, rexc.TimeoutError) as exc:
+        except (TimeoutError, rexc.TimeoutError) as exc:
             self.stats.errors += 1
             self.stats.timeouts += 1
             raise FeatureStoreUnavailable(f"{what}: no answer within {self._timeout_s:g}s") from exc

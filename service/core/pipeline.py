@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -67,7 +67,7 @@ class ScoringModel:
         return self.bundle.manifest.max_seq_len
 
 
-class FmUse(str, Enum):
+class FmUse(StrEnum):
     """What the ranker is given for the FM input, and what the response reports."""
 
     HIT = "hit"

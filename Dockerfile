@@ -1,0 +1,61 @@
+# syntax=docker/dockerfile:1.7
+# dare-serve: the ranker service image.
+#   docker build -t dare-serve .                  # default target: gpu (CUDA runtime, gpu extra)
+#   docker build -t dare-serve:cpu --target cpu . # CPU only (cpu extra)
+# Bundles: mount them at /bundles (docker run -v $PWD/bundles:/bundles:ro ...), or bake them in
+# with --build-arg BUNDLES_DIR=<a folder inside the build context>.
+
+ARG PYTHON_VERSION=3.11
+ARG CUDA_IMAGE=nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
+ARG BUNDLES_DIR=deploy/bundles
+
+# ---- build: a virtual environment with the project and one runtime extra -----------------------
+FROM python:${PYTHON_VERSION}-slim AS build-cpu
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY service ./service
+COPY exporters ./exporters
+COPY feature_store ./feature_store
+COPY loadtest ./loadtest
+RUN python -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir --upgrade pip \
+    && /opt/venv/bin/pip install --no-cache-dir ".[cpu]"
+
+FROM ${CUDA_IMAGE} AS build-gpu
+RUN apt-get update && apt-get install -y --no-install-recommends python3.11 python3.11-venv \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY service ./service
+COPY exporters ./exporters
+COPY feature_store ./feature_store
+COPY loadtest ./loadtest
+RUN python3.11 -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir --upgrade pip \
+    && /opt/venv/bin/pip install --no-cache-dir ".[gpu]"
+
+# ---- runtime: non-root, health-checked, `dare-serve serve` ---------------------------------------
+FROM python:${PYTHON_VERSION}-slim AS cpu
+ARG BUNDLES_DIR
+RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin dare
+COPY --from=build-cpu /opt/venv /opt/venv
+COPY --chown=dare:dare ${BUNDLES_DIR} /bundles
+ENV PATH=/opt/venv/bin:$PATH DARE_BUNDLES=/bundles DARE_HOST=0.0.0.0 DARE_PORT=8000 PYTHONUNBUFFERED=1
+USER dare
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"
+ENTRYPOINT ["dare-serve", "serve"]
+
+FROM ${CUDA_IMAGE} AS gpu
+ARG BUNDLES_DIR
+RUN apt-get update && apt-get install -y --no-install-recommends python3.11 \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --uid 10001 --create-home --shell /usr/sbin/nologin dare
+COPY --from=build-gpu /opt/venv /opt/venv
+COPY --chown=dare:dare ${BUNDLES_DIR} /bundles
+ENV PATH=/opt/venv/bin:$PATH DARE_BUNDLES=/bundles DARE_HOST=0.0.0.0 DARE_PORT=8000 PYTHONUNBUFFERED=1 \
+    DARE_DEVICE=auto
+USER dare
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"
+ENTRYPOINT ["dare-serve", "serve"]
