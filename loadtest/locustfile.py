@@ -152,7 +152,7 @@ class DareUser(FastHttpUser):
         assert w is not None
         user = w.draw_user(self.rng)
         new = w.draw_events(self.rng, int(time.time()))
-        headers = {}
+        headers: dict[str, str] = {}
         if self.config.write_token:
             headers["Authorization"] = f"Bearer {self.config.write_token}"
         with self.client.post(

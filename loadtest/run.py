@@ -12,12 +12,12 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from loadtest.report import ReportError, summarize, write_plot
+from loadtest.report import STATS_FILE, ReportError, summarize, write_plot
 from loadtest.workload import TrafficConfig, WorkloadError
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
@@ -146,8 +146,17 @@ def run_loadtest(lt: LoadTest, progress: bool = True) -> dict[str, Any]:
     """Run locust headless, then write summary.json and the plot; returns the summary."""
     models = preflight(lt.host)
     lt.out.mkdir(parents=True, exist_ok=True)
+    # A previous run's files in the same folder must not pass for this run's.
+    for stale in (
+        STATS_FILE,
+        SUMMARY_FILE,
+        PLOT_FILE,
+        HTML_FILE,
+        *(p.name for p in lt.out.glob(f"{CSV_PREFIX}_*.csv")),
+    ):
+        (lt.out / stale).unlink(missing_ok=True)
     log_path = lt.out / LOG_FILE
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     limit = lt.duration_s + STOP_TIMEOUT_S + GRACE_S
     if progress:
         print(
