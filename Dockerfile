@@ -10,25 +10,24 @@ ARG CUDA_IMAGE=nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
 ARG BUNDLES_DIR=deploy/bundles
 
 # ---- build: a virtual environment with the project and one runtime extra -----------------------
+FROM scratch AS source
+COPY pyproject.toml README.md /src/
+COPY service /src/service
+COPY exporters /src/exporters
+COPY feature_store /src/feature_store
+COPY loadtest /src/loadtest
+
 FROM python:${PYTHON_VERSION}-slim AS build-cpu
+COPY --from=source /src /src
 WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY service ./service
-COPY exporters ./exporters
-COPY feature_store ./feature_store
-COPY loadtest ./loadtest
 RUN python -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir --upgrade pip \
     && /opt/venv/bin/pip install --no-cache-dir ".[cpu]"
 
 FROM ${CUDA_IMAGE} AS build-gpu
 RUN apt-get update && apt-get install -y --no-install-recommends python3.11 python3.11-venv \
     && rm -rf /var/lib/apt/lists/*
+COPY --from=source /src /src
 WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY service ./service
-COPY exporters ./exporters
-COPY feature_store ./feature_store
-COPY loadtest ./loadtest
 RUN python3.11 -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir --upgrade pip \
     && /opt/venv/bin/pip install --no-cache-dir ".[gpu]"
 
