@@ -34,6 +34,7 @@ from contextlib import contextmanager  # noqa: E402
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
+from service.readiness import wait_ready  # noqa: E402
 from tests.redis_proc import RedisProcess, free_port  # noqa: E402
 
 SEED = 20240607
@@ -110,17 +111,9 @@ def server(root: Path, redis_url: str, batching: bool) -> Iterator[str]:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         base = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    raise RuntimeError(f"server did not start: {log.read().decode()[-2000:]}")
-                try:
-                    if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.2)
+            if not wait_ready(base, 120, alive=lambda: proc.poll() is None):
+                log.seek(0)
+                raise RuntimeError(f"server did not start: {log.read().decode()[-2000:]}")
             yield base
         finally:
             proc.send_signal(signal.SIGTERM)

@@ -21,6 +21,8 @@ from typing import Any
 
 import httpx
 
+from service.readiness import wait_ready
+
 DEMO_DATA = {"users": 800, "items": 5000, "categories": 40, "max_seq_len": 1000, "seed": 7}
 DEMO_TRAIN = {"epochs": 3, "seed": 0, "max_seq_len": 1000, "patience": 1}
 
@@ -253,7 +255,7 @@ class Smoke:
 
 
 @contextlib.contextmanager
-def _server_in_thread(app: Any, host: str, port: int) -> Iterator[Callable[[], None]]:
+def _server_in_thread(app: Any, host: str, port: int) -> Iterator[Callable[[], bool]]:
     import uvicorn
 
     server = uvicorn.Server(
@@ -264,20 +266,10 @@ def _server_in_thread(app: Any, host: str, port: int) -> Iterator[Callable[[], N
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
-        yield lambda: None
+        yield thread.is_alive
     finally:
         server.should_exit = True
         thread.join(30)
-
-
-def _wait_ready(base: str, timeout: float = 120.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                return
-        time.sleep(0.2)
-    raise RuntimeError(f"server at {base} not ready after {timeout:.0f}s")
 
 
 def banner(base: str, user: str, cands: list[int]) -> str:
@@ -332,8 +324,9 @@ def run_demo(workdir: Path, host: str, port: int, redis_url: str | None, smoke: 
             timeout_graceful_shutdown=10,
         )
         return 0
-    with _server_in_thread(app, host, port):
-        _wait_ready(base)
+    with _server_in_thread(app, host, port) as alive:
+        if not wait_ready(base, alive=alive):
+            raise RuntimeError(f"server at {base} did not get ready")
         print(banner(base, user, cands), flush=True)
         print(f"smoke test against {base} (built/loaded in {time.time() - t0:.0f}s):", flush=True)
         ok = Smoke(base, b.data).run()

@@ -98,11 +98,6 @@ def knn_threshold(queries: np.ndarray, keys: np.ndarray, k: int) -> SearchResult
     return SearchResult(np.take_along_axis(ids, order, 1), np.take_along_axis(values, order, 1))
 
 
-def search_topk(queries: np.ndarray, keys: np.ndarray, k: int) -> SearchResult:
-    """Stage 1 as the service runs it on one thread: exact top-k by inner product, best first."""
-    return knn_threshold(queries, keys, k)
-
-
 def knn_gpu(resources: Any, queries: np.ndarray, keys: np.ndarray, k: int) -> SearchResult:
     """Stage 1 on GPU: FAISS brute-force search (bfKnn) over the raw arrays, no index built."""
     k = min(k, len(keys))

@@ -8,16 +8,15 @@ and an FM embeddings file, because the load test appends events: the service tes
 from __future__ import annotations
 
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pandas as pd
 import pytest
 
+from service import readiness
 from tests.conftest import TinyModels
 from tests.redis_proc import free_port
 from tests.service.test_serve_process import _cli, _env
@@ -34,16 +33,9 @@ class Server:
 
 def wait_ready(base: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 90.0) -> None:
     """Poll /readyz until 200; fail with the server's log when it exits or never gets ready."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()[-2000:]
-        try:
-            if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"server not ready in {timeout}s: {log.read_text()[-2000:]}")
+    assert readiness.wait_ready(base, timeout, alive=lambda: proc.poll() is None), (
+        f"server not ready (exit code {proc.poll()}): {log.read_text()[-2000:]}"
+    )
 
 
 @pytest.fixture(scope="module")

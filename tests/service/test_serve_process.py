@@ -6,12 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from service.readiness import wait_ready
 from tests.conftest import TinyModels
 from tests.redis_proc import free_port
 from tests.service.conftest import ServedData
@@ -38,15 +38,7 @@ def test_serve_process_end_to_end(tiny_models: TinyModels, served: ServedData, t
         )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        ready = False
-        while time.monotonic() < deadline and not ready:
-            assert proc.poll() is None, log.read_text()[-2000:]
-            try:
-                ready = httpx.get(base + "/readyz", timeout=2).status_code == 200
-            except httpx.TransportError:
-                time.sleep(0.1)
-        assert ready, log.read_text()[-2000:]
+        assert wait_ready(base, 60, alive=lambda: proc.poll() is None), log.read_text()[-2000:]
         user = served.fm_users[0]
         r = httpx.post(
             base + "/v1/score",
