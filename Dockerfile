@@ -6,7 +6,9 @@
 # with --build-arg BUNDLES_DIR=<a folder inside the build context>.
 
 ARG PYTHON_VERSION=3.11
-ARG CUDA_IMAGE=nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
+# The gpu extra's wheels carry their CUDA libraries (onnxruntime-gpu: CUDA 13 and cuDNN 9; faiss-gpu:
+# CUDA 12), so the base only needs the driver's user-space shims; the host needs driver 580 or newer.
+ARG CUDA_IMAGE=nvidia/cuda:13.0.1-base-ubuntu24.04
 ARG BUNDLES_DIR=deploy/bundles
 
 # ---- build: a virtual environment with the project and one runtime extra -----------------------
@@ -24,11 +26,11 @@ RUN python -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir --upgra
     && /opt/venv/bin/pip install --no-cache-dir ".[cpu]"
 
 FROM ${CUDA_IMAGE} AS build-gpu
-RUN apt-get update && apt-get install -y --no-install-recommends python3.11 python3.11-venv \
+RUN apt-get update && apt-get install -y --no-install-recommends python3.12 python3.12-venv \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=source /src /src
 WORKDIR /src
-RUN python3.11 -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir --upgrade pip \
+RUN python3.12 -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir --upgrade pip \
     && /opt/venv/bin/pip install --no-cache-dir ".[gpu]"
 
 # ---- runtime: non-root, health-checked, `dare-serve serve` ---------------------------------------
@@ -46,7 +48,7 @@ ENTRYPOINT ["dare-serve", "serve"]
 
 FROM ${CUDA_IMAGE} AS gpu
 ARG BUNDLES_DIR
-RUN apt-get update && apt-get install -y --no-install-recommends python3.11 \
+RUN apt-get update && apt-get install -y --no-install-recommends python3.12 \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --uid 10001 --create-home --shell /usr/sbin/nologin dare
 COPY --from=build-gpu /opt/venv /opt/venv

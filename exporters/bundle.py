@@ -277,6 +277,12 @@ def encoder_io(m: Manifest) -> tuple[dict[str, tuple[str, tuple]], dict[str, tup
     return inputs, {"user_embedding": ("tensor(float)", ("B", m.dims.fm))}
 
 
+def _with_options(provider: str) -> str | tuple[str, dict[str, str]]:
+    # The CUDA EP runs fp32 matmuls in TF32 by default on Ampere and newer, which moves the
+    # probabilities by ~1e-3 from the CPU EP and the offline model; keep full fp32 for parity.
+    return (provider, {"use_tf32": "0"}) if provider == "CUDAExecutionProvider" else provider
+
+
 def load_bundle(
     path: Path | str, providers: Sequence[str] | None = None, session_options: Any = None
 ) -> Bundle:
@@ -299,7 +305,7 @@ def load_bundle(
         session = ort.InferenceSession(
             str(path / onnx_name),
             sess_options=session_options,
-            providers=list(providers or ["CPUExecutionProvider"]),
+            providers=[_with_options(p) for p in providers or ["CPUExecutionProvider"]],
         )
     except Exception as e:  # ORT raises its own exception types for malformed graphs
         raise BundleError(f"{path}/{onnx_name}: ONNX Runtime cannot load it ({e})") from e

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any, Literal
+
+logger = logging.getLogger("dare.service")
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -26,6 +29,23 @@ def choose_providers(device: Device, available: Sequence[str]) -> list[str]:
     if device != "cpu" and has_cuda:
         return [CUDA, CPU]  # CPU stays as the fallback for any op the CUDA EP lacks
     return [CPU]
+
+
+def preload_cuda_libraries(device: Device, available: Sequence[str]) -> None:
+    """Load the CUDA and cuDNN libraries that onnxruntime-gpu's pip extras installed.
+
+    Those wheels put the libraries under site-packages/nvidia, where the dynamic loader does not
+    look; without this a pip-only install (no system CUDA) silently falls back to the CPU.
+    """
+    import onnxruntime as ort
+
+    preload = getattr(ort, "preload_dlls", None)
+    if device == "cpu" or CUDA not in available or preload is None:
+        return
+    try:
+        preload()
+    except Exception as e:  # a system CUDA on the loader's path still works without it
+        logger.warning("onnxruntime.preload_dlls() failed (%s); relying on the system CUDA libraries", e)
 
 
 def session_options(intra_op_threads: int) -> Any:

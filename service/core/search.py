@@ -15,6 +15,7 @@ top-K then enter the heap. Results are exact: the same behaviors and scores as `
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -119,6 +120,9 @@ class Stage1Engine:
     device: str = "cpu"  # "cpu" or "cuda"
     _pool: ThreadPoolExecutor | None = field(default=None, init=False, repr=False)
     _gpu: Any = field(default=None, init=False, repr=False)
+    # one StandardGpuResources must not be used from two threads at once (its scratch memory and
+    # cuBLAS handle are shared); the service's compute threads take turns on the GPU
+    _gpu_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.device == "cuda":
@@ -137,7 +141,8 @@ class Stage1Engine:
     def search(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> list[SearchResult]:
         """Top-k for each (queries, keys) pair; large searches are split by query rows across threads."""
         if self._gpu is not None:
-            return [knn_gpu(self._gpu, q, keys, k) for q, keys in pairs]
+            with self._gpu_lock:
+                return [knn_gpu(self._gpu, q, keys, k) for q, keys in pairs]
         if self._pool is None:
             return [knn_threshold(q, keys, k) for q, keys in pairs]
         tasks: list[tuple[int, np.ndarray, np.ndarray]] = []

@@ -54,6 +54,7 @@ def test_batched_and_unbatched_scores_are_identical(
     bodies = _requests(served)
     batched_settings = make_settings(batch_enabled=True, batch_max_wait_ms=25.0, batch_max_size=64)
     with TestClient(create_app(batched_settings)) as c:
+        on_cuda = c.get("/v1/models").json()["device"]["execution_providers"][0] == "CUDAExecutionProvider"
         batched = _fire(c, bodies)
         batches, requests = _batch_stats(c)
     with TestClient(create_app(make_settings(batch_enabled=False))) as c:
@@ -62,9 +63,17 @@ def test_batched_and_unbatched_scores_are_identical(
     assert requests == N_REQUESTS and batches < N_REQUESTS, "concurrent requests were coalesced"
     assert single_batches == N_REQUESTS
     for a, b in zip(batched, single, strict=True):
-        # bit-identical, not merely close: padding never leaks into a request's scores
-        assert a["scores"] == b["scores"]
-        assert a["explain"] == b["explain"] and a["user"] == b["user"]
+        assert a["user"] == b["user"]
+        if not on_cuda:
+            # bit-identical, not merely close: padding never leaks into a request's scores
+            assert a["scores"] == b["scores"] and a["explain"] == b["explain"]
+            continue
+        # cuBLAS picks its GEMM kernel by batch shape, so on CUDA only the last bits may differ
+        np.testing.assert_allclose(a["scores"], b["scores"], rtol=0, atol=1e-6)
+        for x, y in zip(a["explain"], b["explain"], strict=True):
+            assert [e["item_id"] for e in x["behaviors"]] == [e["item_id"] for e in y["behaviors"]]
+            att_x, att_y = ([e["attention"] for e in z["behaviors"]] for z in (x, y))
+            np.testing.assert_allclose(att_x, att_y, rtol=0, atol=1e-6)
 
 
 def _run(coro: Any) -> Any:
