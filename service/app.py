@@ -22,13 +22,19 @@ from feature_store.base import FeatureStore
 from feature_store.factory import open_feature_store
 from service.batching import Batcher
 from service.core.pipeline import ScoringModel
-from service.core.runtime import DeviceUnavailable, choose_providers, faiss_gpus, single_threaded_numerics
+from service.core.runtime import (
+    DeviceUnavailable,
+    choose_providers,
+    faiss_gpus,
+    preload_cuda_libraries,
+    single_threaded_numerics,
+)
 from service.core.search import Stage1Engine, gpu_available
 from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware
 from service.registry import ModelRegistry, require_models
-from service.routes import admin, events, health, models, score
+from service.routes import admin, docs, events, health, inspector, models, score, users
 from service.schemas import DeviceInfo
 from service.scoring import ScoreJob, ScoreOutcome, Scorer
 from service.settings import Settings
@@ -107,6 +113,7 @@ async def build_state(settings: Settings) -> AsyncIterator[AppState]:
 
     async with contextlib.AsyncExitStack() as stack:
         available = list(ort.get_available_providers())
+        preload_cuda_libraries(settings.device, available)
         providers = choose_providers(settings.device, available)
         engine = stage1_engine(settings)
         stack.callback(engine.close)
@@ -196,11 +203,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Long-sequence recommendation ranker: FAISS behavior search + ONNX Runtime ranking",
         version=_version(),
         lifespan=lifespan,
+        # /docs is served from vendored assets by routes.docs (FastAPI's loads them from a CDN).
+        docs_url=None,
+        redoc_url=None,
     )
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
-    for router in (score.router, events.router, models.router, health.router, admin.router):
-        app.include_router(router)
+    for module in (score, events, users, models, health, admin, inspector, docs):
+        app.include_router(module.router)
+    app.mount(docs.STATIC_PATH, docs.static_files(), name="static")
     return app
 
 

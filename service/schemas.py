@@ -183,3 +183,26 @@ def problem_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
         }
         for code in codes
     }
+
+
+class UserSequence(BaseModel):
+    """`GET /v1/users/{user_id}/sequence` body: what the feature store holds for a user."""
+
+    user_id: str
+    sequence_length: int = Field(description="behaviors stored for the user (the store keeps the newest)")
+    events: list[Event] = Field(description="the newest `limit` behaviors, oldest first")
+
+
+class ExampleUser(BaseModel):
+    """A user the inspector page offers, with the length of their stored sequence."""
+
+    user_id: str
+    sequence_length: int
+
+
+class InspectorExamples(BaseModel):
+    """`GET /inspector/examples` body: starting points for the inspector page."""
+
+    users: list[ExampleUser] = Field(description="users of the dataset loaded at start-up, longest first")
+    users_source: str | None = Field(description="where the users come from; null when none is known")
+    items: list[int] = Field(description="a spread of item ids that every serving variant knows")

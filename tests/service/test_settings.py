@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,11 @@ from pydantic import ValidationError
 from service.settings import Settings, parse_weights, settings_table_markdown
 
 TOKEN = "x" * 20
+ROOT = Path(__file__).resolve().parents[2]
+# Documents holding a copy of the generated table between these markers.
+TABLE_DOCS = ("README.md", "docs/service.md")
+TABLE = re.compile(r"(<!-- settings-table:start -->\n\n)(.*?)(\n<!-- settings-table:end -->)", re.S)
+REGENERATE = ".venv/bin/python -m tests.service.test_settings"
 
 
 def test_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,6 +73,18 @@ def test_settings_table_lists_every_field() -> None:
     assert table.count("\n") == len(Settings.model_fields) + 2
 
 
-def test_docs_show_the_current_table() -> None:
-    doc = Path(__file__).resolve().parents[2] / "docs" / "service.md"
-    assert settings_table_markdown() in doc.read_text(), "regenerate the table in docs/service.md"
+@pytest.mark.parametrize("name", TABLE_DOCS)
+def test_docs_show_the_current_table(name: str) -> None:
+    blocks = [m[2] for m in TABLE.finditer((ROOT / name).read_text())]
+    assert blocks == [settings_table_markdown()], f"regenerate the table: {REGENERATE}"
+
+
+def write_settings_tables() -> None:
+    """Rewrite the table between the markers of every copy (`python -m tests.service.test_settings`)."""
+    for name in TABLE_DOCS:
+        path = ROOT / name
+        path.write_text(TABLE.sub(lambda m: m[1] + settings_table_markdown() + m[3], path.read_text()))
+
+
+if __name__ == "__main__":
+    write_settings_tables()
