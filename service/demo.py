@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -277,6 +278,7 @@ def banner(base: str, user: str, cands: list[int]) -> str:
     return "\n".join(
         [
             f"dare-serve is up at {base}  (API docs: {base}/docs, metrics: {base}/metrics)",
+            f"Inspector: {base}/?user={quote(user)}&candidates={','.join(map(str, cands))}",
             "Try:",
             f"  curl -s {base}/v1/score -H 'Content-Type: application/json' -d '{body}'",
             f"  curl -s {base}/v1/score -H 'Content-Type: application/json' -H 'X-Experiment: coupled' "
