@@ -107,4 +107,7 @@ def decode_fm(blob: bytes) -> tuple[np.ndarray, float]:
     if not math.isfinite(written_at):
         raise CodecError("FM blob write time is not finite")
     vector = np.frombuffer(blob, dtype="<f4", offset=FM_HEADER.size).astype(np.float32)
+    # Writes refuse NaN and infinities; a stored one would turn every score of the user into NaN.
+    if not bool(np.isfinite(vector).all()):
+        raise CodecError("FM vector holds non-finite values")
     return vector, written_at

@@ -178,6 +178,12 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     from http import HTTPStatus
 
+    # FastAPI turns body-parsing failures other than JSONDecodeError (bytes that are not UTF-8,
+    # nesting deeper than the parser's recursion limit) into a bare 400; they are malformed JSON too.
+    if exc.status_code == 400 and isinstance(exc.__cause__, (UnicodeDecodeError, RecursionError)):
+        err = MalformedJson("the request body could not be parsed as JSON")
+        return problem_response(err.status, err.type, err.title, err.detail, request)
+
     try:
         title = HTTPStatus(exc.status_code).phrase
     except ValueError:

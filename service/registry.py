@@ -136,6 +136,14 @@ class ModelRegistry:
             )
         return ScoringModel.from_bundle(bundle)
 
+    def _load_inside_root(self, path: Path, variant: str) -> ScoringModel:
+        """Load a version folder unless it (or its variant folder) is a link to outside the root."""
+        real, root = path.resolve(), self.root.resolve()
+        if not real.is_relative_to(root):
+            # Whoever can drop a symlink into the root must not make the service read arbitrary paths.
+            raise BundleError(f"{path}: resolves to {real}, outside the bundle root {root}")
+        return self._load(path, variant)
+
     def _variant_dirs(self) -> list[Path]:
         if not self.root.is_dir():
             raise BundleError(f"bundle root {self.root} is not a directory")
@@ -170,7 +178,7 @@ class ModelRegistry:
                         continue
                     started = time.perf_counter()
                     try:
-                        model = await asyncio.to_thread(self._load, path, variant)
+                        model = await asyncio.to_thread(self._load_inside_root, path, variant)
                     except Exception as e:  # any failure to load refuses the bundle, never the service
                         reason = str(e) if isinstance(e, BundleError) else f"{type(e).__name__}: {e}"
                         self._refused[path] = (sig, reason)

@@ -16,7 +16,7 @@ router = APIRouter(tags=["events"])
 @router.post(
     "/v1/events",
     response_model=EventsResponse,
-    responses=problem_responses(401, 403, 413, 422, 500, 503),
+    responses=problem_responses(400, 401, 403, 413, 422, 500, 503),
     summary="Append behaviors",
 )
 async def append_events(body: EventsRequest, state: StateDep, _: WriterDep) -> EventsResponse:
