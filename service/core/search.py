@@ -6,10 +6,11 @@ plain exact inner-product top-K.
 
 On CPU, `faiss.knn` spends most of its time selecting: with K=64 every one of the ~K*ln(L/K)
 heap insertions per candidate costs a sift through the heap. `knn_threshold` gives FAISS's heap a
-head start instead: it splits each row of scores into G strided groups, takes the K-th largest
+head start instead: it splits each row of scores into G strided groups and takes the K-th largest
 group maximum as a lower bound on the row's K-th score (K groups each hold an element at least
-that large), seeds the heap with it, and lets FAISS's heap scan the row; almost only the true
-top-K then enter the heap. Results are exact: the same behaviors and scores as `faiss.knn`
+that large). Short rows seed FAISS's heap with the bound and let it scan the row; long rows keep
+only the scores at or above the bound (a few more than K) and hand those to the heap. Either way
+almost only the true top-K enter the heap. Results are exact: the same behaviors and scores as `faiss.knn`
 (up to the order of exactly tied scores). On GPU the search is FAISS's brute-force `knn_gpu`.
 """
 
@@ -64,11 +65,42 @@ def knn_plain(queries: np.ndarray, keys: np.ndarray, k: int) -> SearchResult:
 
 # Rows shorter than this many times k gain nothing from the threshold pass.
 _MIN_LEN_FACTOR = 4
+# From this many scores per row on, compacting the survivors beats letting the heap scan the row.
+_FILTER_MIN_LEN = 4096
 
 
 def _groups(length: int, k: int) -> int:
     """Number of strided groups: well above k (a tight bound), at least two elements each."""
     return max(k, min(4 * k, length // 2))
+
+
+def _lower_bound(scores: np.ndarray, k: int) -> np.ndarray:
+    """[C] values at or below each row's k-th largest score: the k-th largest of G group maxima."""
+    n_q, length = scores.shape
+    g = _groups(length, k)
+    m = length // g
+    # strided groups (column j belongs to group j % g) reduce along a contiguous axis: fast
+    group_max = scores[:, : g * m].reshape(n_q, m, g).max(axis=1)
+    return np.partition(group_max, g - k, axis=1)[:, g - k]
+
+
+def _survivors(scores: np.ndarray, bound: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's scores >= its bound, left-aligned in [C, W] arrays padded with -inf (values, columns).
+
+    Every row keeps at least k (K groups reach the bound), typically a few more; one vectorised
+    compare and one flatnonzero replace the heap's element-by-element scan of the whole row.
+    """
+    n_q, length = scores.shape
+    flat = np.flatnonzero(scores >= bound[:, None])
+    rows = flat // length
+    counts = np.bincount(rows, minlength=n_q)
+    slot = np.arange(len(flat)) - (np.cumsum(counts) - counts)[rows]
+    width = int(counts.max())
+    values = np.full((n_q, width), -np.inf, dtype=np.float32)
+    values[rows, slot] = scores.reshape(-1)[flat]
+    columns = np.full((n_q, width), -1, dtype=np.int64)
+    columns[rows, slot] = flat - rows * length
+    return values, columns
 
 
 def knn_threshold(queries: np.ndarray, keys: np.ndarray, k: int) -> SearchResult:
@@ -78,25 +110,22 @@ def knn_threshold(queries: np.ndarray, keys: np.ndarray, k: int) -> SearchResult
     if k == 0 or n_q == 0:
         return knn_plain(queries, keys, k)
     scores = np.ascontiguousarray(queries @ keys.T, dtype=np.float32)
-    values = np.empty((n_q, k), dtype=np.float32)
+    values = np.full((n_q, k), -np.inf, dtype=np.float32)
     ids = np.full((n_q, k), -1, dtype=np.int64)
-    if length >= _MIN_LEN_FACTOR * k:
-        g = _groups(length, k)
-        m = length // g
-        # strided groups (column j belongs to group j % g) reduce along a contiguous axis: fast
-        group_max = scores[:, : g * m].reshape(n_q, m, g).max(axis=1)
-        bound = np.partition(group_max, g - k, axis=1)[:, g - k]
-        # seeds just below the bound: elements equal to it still enter the heap
-        values[:] = np.nextafter(bound, np.float32(-np.inf))[:, None]
-    else:
-        values[:] = -np.inf
     heap = faiss.float_minheap_array_t()
     heap.nh, heap.k = n_q, k
     heap.val, heap.ids = swig_ptr(values), swig_ptr(ids)
-    heap.addn(length, swig_ptr(scores))
-    # a numpy sort of the [C, k] result is cheaper than the heap's own reorder
-    order = np.argsort(-values, axis=1, kind="stable")
-    return SearchResult(np.take_along_axis(ids, order, 1), np.take_along_axis(values, order, 1))
+    if length < _MIN_LEN_FACTOR * k:
+        heap.addn(length, swig_ptr(scores))
+    elif length < _FILTER_MIN_LEN:
+        # seeds just below the bound: elements equal to it still enter the heap
+        values[:] = np.nextafter(_lower_bound(scores, k), np.float32(-np.inf))[:, None]
+        heap.addn(length, swig_ptr(scores))
+    else:
+        cand, cols = _survivors(scores, _lower_bound(scores, k))
+        heap.addn_with_ids(cand.shape[1], swig_ptr(cand), swig_ptr(cols), cand.shape[1])
+    heap.reorder()  # best first, in place
+    return SearchResult(ids, values)
 
 
 def knn_gpu(resources: Any, queries: np.ndarray, keys: np.ndarray, k: int) -> SearchResult:

@@ -33,6 +33,8 @@ def _same(res, ref) -> None:
         (1, 1, 64),
         (12, 5_000, 7),
         (4, 1_000, 250),
+        (9, 4_096, 64),
+        (2, 50_000, 64),
     ],
 )
 def test_threshold_equals_faiss_knn(n_q: int, length: int, k: int) -> None:
@@ -42,10 +44,11 @@ def test_threshold_equals_faiss_knn(n_q: int, length: int, k: int) -> None:
     _same(knn_threshold(queries, keys, k), knn_plain(queries, keys, k))
 
 
-def test_ties_and_repeated_behaviors() -> None:
+@pytest.mark.parametrize("length", [4_000, 12_000])  # the heap-scan and the survivor-filter paths
+def test_ties_and_repeated_behaviors(length: int) -> None:
     rng = np.random.default_rng(0)
     base = rng.standard_normal((40, 9)).astype(np.float32)
-    keys = base[rng.integers(0, 40, 4_000)]  # every key repeated ~100 times: massive exact ties
+    keys = base[rng.integers(0, 40, length)]  # every key repeated 100+ times: massive exact ties
     queries = rng.standard_normal((20, 9)).astype(np.float32)
     res, ref = knn_threshold(queries, keys, 64), knn_plain(queries, keys, 64)
     # BLAS and FAISS may round the last bit differently; the chosen keys are the same multiset
