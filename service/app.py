@@ -172,6 +172,7 @@ async def build_state(settings: Settings) -> AsyncIterator[AppState]:
             fm_use_expired=settings.fm_use_expired,
             batcher_factory=make_batcher if settings.batch_enabled else None,
             engine=engine,
+            feature_timeout_s=settings.feature_timeout_s,
         )
         if scorer.batcher is not None:
             scorer.batcher.start()

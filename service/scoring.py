@@ -104,6 +104,7 @@ class Scorer:
         fm_use_expired: bool,
         batcher_factory: Callable[[Scorer], Batcher[ScoringModel, ScoreJob, ScoreOutcome]] | None = None,
         engine: Stage1Engine | None = None,
+        feature_timeout_s: float | None = None,
     ) -> None:
         self.store = store
         self.executor = executor
@@ -112,6 +113,9 @@ class Scorer:
         self.fm_use_expired = fm_use_expired
         self.batcher = batcher_factory(self) if batcher_factory else None
         self.engine = engine
+        self.feature_timeout_s = feature_timeout_s
+        # set by a feature read that failed for want of the store, cleared by the next one that works
+        self.store_failing = False
 
     async def score(self, model: ScoringModel, job: ScoreJob) -> ScoreOutcome:
         """Score one request (through the batcher when batching is on); records the metrics."""
@@ -151,21 +155,45 @@ class Scorer:
         if o.cold_start:
             m.cold_starts.labels(variant).inc()
 
-    async def read_features(self, model: ScoringModel, user_ids: list[str]) -> dict[str, UserFeatures | None]:
+    async def read_features(
+        self, model: ScoringModel, user_ids: list[str], budget_s: float | None = None
+    ) -> dict[str, UserFeatures | None]:
         """One round trip for the batch's users; None for a user whose stored data is corrupt."""
         try:
-            users = await self.store.read_users(
-                user_ids, fm_version=model.fm_version, max_len=model.max_seq_len
-            )
+            if budget_s is not None and budget_s <= 0:
+                raise FeatureStoreUnavailable("the feature budget ran out while the store was failing")
+            async with asyncio.timeout(budget_s):
+                users = await self.store.read_users(
+                    user_ids, fm_version=model.fm_version, max_len=model.max_seq_len
+                )
         except CorruptFeatureData as exc:
+            self.store_failing = False
             self.metrics.feature_store_errors.labels("corrupt").inc()
             if exc.partial is None:  # e.g. the FM version pointer itself: nothing is usable
                 raise store_error(exc, self.retry_after_s) from exc
             return dict(zip(user_ids, exc.partial, strict=True))
+        except TimeoutError as exc:
+            self.store_failing = True
+            self.metrics.feature_store_errors.labels("unavailable").inc()
+            raise store_error(FeatureStoreUnavailable("feature budget exceeded"), self.retry_after_s) from exc
         except FeatureStoreError as exc:
+            self.store_failing = True
             self.metrics.feature_store_errors.labels(store_error_kind(exc)).inc()
             raise store_error(exc, self.retry_after_s) from exc
+        self.store_failing = False
         return dict(zip(user_ids, users, strict=True))
+
+    def feature_budget(self, jobs: list[ScoreJob]) -> float | None:
+        """Seconds left for this batch's feature read; None: the store's own timeout alone.
+
+        While the store is failing, time a request spent queued behind batches stuck on it counts
+        against its budget, so every request gets its 503 within one feature timeout instead of
+        one per batch ahead of it. While the store works, queueing (CPU saturation) never turns
+        into a 503: a slow service is not an unreachable store.
+        """
+        if not self.store_failing or self.feature_timeout_s is None:
+            return None
+        return self.feature_timeout_s - (time.perf_counter() - min(j.submitted for j in jobs))
 
     async def run_batch(
         self, model: ScoringModel, jobs: list[ScoreJob]
@@ -173,7 +201,8 @@ class Scorer:
         """Score a batch of requests of one model: one feature read, one compute call."""
         started = time.perf_counter()
         self.metrics.batch_size.labels(model.variant).observe(len(jobs))
-        features = await self.read_features(model, list(dict.fromkeys(j.user_id for j in jobs)))
+        users = list(dict.fromkeys(j.user_id for j in jobs))
+        features = await self.read_features(model, users, self.feature_budget(jobs))
         feature_s = time.perf_counter() - started
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(

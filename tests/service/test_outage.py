@@ -60,3 +60,29 @@ def test_redis_down_gives_fast_503_and_recovers(
             time.sleep(0.05)
         assert status == 200
         assert c.get("/readyz").status_code == 200
+
+
+def test_queueing_counts_against_the_feature_budget_only_while_the_store_fails() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from feature_store.memory_store import InMemoryFeatureStore
+    from service.metrics import Metrics
+    from service.scoring import ScoreJob, Scorer
+
+    with ThreadPoolExecutor(1) as pool:
+        scorer = Scorer(
+            InMemoryFeatureStore(),
+            pool,
+            Metrics(),
+            retry_after_s=1,
+            fm_use_expired=True,
+            feature_timeout_s=0.25,
+        )
+        now = time.perf_counter()
+        jobs = [ScoreJob(u, np.array([1]), 0, False, now - waited) for u, waited in (("a", 0.1), ("b", 0.3))]
+        assert scorer.feature_budget(jobs) is None  # healthy: a slow queue is never a 503
+        scorer.store_failing = True
+        assert scorer.feature_budget(jobs) < -0.04  # the oldest request has used up its 0.25 s
+        assert 0.1 < scorer.feature_budget(jobs[:1]) <= 0.15
