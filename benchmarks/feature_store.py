@@ -186,19 +186,13 @@ async def bench_ingest(
     return first.events_per_s
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--redis-url", help="use this Redis instead of a private redis-server")
-    parser.add_argument("--cluster", action="store_true", help="--redis-url is a Redis Cluster node")
-    parser.add_argument("--quick", action="store_true", help="fewer iterations and 200k ingest events")
-    args = parser.parse_args()
-    n = 300 if args.quick else 2_000
-    n_events, n_users = (200_000, 1_000) if args.quick else (1_000_000, 5_000)
+async def run(quick: bool, redis_url: str | None = None, cluster: bool = False) -> Table:
+    """Every measurement, on a private redis-server unless `redis_url` is given, then in memory."""
+    n = 300 if quick else 2_000
+    n_events, n_users = (200_000, 1_000) if quick else (1_000_000, 5_000)
 
     proc = None
-    url = args.redis_url
+    url = redis_url
     if url is None:
         from tests.redis_proc import RedisProcess
 
@@ -207,8 +201,8 @@ async def main() -> None:
     namespace = f"bench{uuid.uuid4().hex[:8]}"
     table = Table()
     try:
-        store = open_feature_store(url, cluster=args.cluster, timeout_s=5.0, namespace=namespace)
-        raw = None if args.cluster else redis.asyncio.Redis.from_url(url)
+        store = open_feature_store(url, cluster=cluster, timeout_s=5.0, namespace=namespace)
+        raw = None if cluster else redis.asyncio.Redis.from_url(url)
         try:
             await bench_reads(store, raw, n, table, "redis")
             rate = await bench_ingest(store, n_events, n_users, table, "redis", raw)
@@ -216,7 +210,7 @@ async def main() -> None:
             await bench_ingest(store, n_events, n_events // 2_000, table, "redis", raw)
             table.line("redis: ingest goal (>= 200,000 ev/s)", "met" if rate >= 200_000 else "MISSED")
         finally:
-            if raw is not None and args.redis_url:
+            if raw is not None and redis_url:
                 async for key in raw.scan_iter(match=f"{namespace}:*", count=1000):
                     await raw.delete(key)
             if raw is not None:
@@ -228,7 +222,39 @@ async def main() -> None:
     finally:
         if proc is not None:
             proc.cleanup()
-    server = f"redis-server at {url}" if args.redis_url else "private redis-server on loopback"
+    return table
+
+
+def section(quick: bool) -> list[str]:
+    """Section e of benchmarks/suite.py: the same measurements as a markdown table."""
+    from benchmarks._common import md_table
+
+    table = asyncio.run(run(quick))
+    n = 300 if quick else 2_000
+    n_events = 200_000 if quick else 1_000_000
+    return [
+        "## e. Feature store",
+        "",
+        f"`benchmarks/feature_store.py`: a private redis-server on loopback (redis-py {redis.__version__}, "
+        f"hiredis), then the in-memory store; {n:,} timed calls per latency row after 20 warm-up calls "
+        f"(fewer for the 32-user rows), ingest of {n_events:,} events. Sequences are 12-byte records "
+        "(item int64, time uint32); `read_users` is the service's per-batch read (sequences + FM "
+        f"embeddings of all users in one pipeline). Seed {SEED}.",
+        "",
+        *md_table(["measure", "p50 ms / value", "p99 ms", "note"], table.rows),
+    ]
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--redis-url", help="use this Redis instead of a private redis-server")
+    parser.add_argument("--cluster", action="store_true", help="--redis-url is a Redis Cluster node")
+    parser.add_argument("--quick", action="store_true", help="fewer iterations and 200k ingest events")
+    args = parser.parse_args()
+    table = await run(args.quick, args.redis_url, args.cluster)
+    server = f"redis-server at {args.redis_url}" if args.redis_url else "private redis-server on loopback"
     title = (
         f"feature store benchmark: {server}, python {platform.python_version()}, "
         f"{os.cpu_count()} CPUs, redis-py {redis.__version__}, seed {SEED}"

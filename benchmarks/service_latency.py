@@ -23,19 +23,15 @@ import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from service.readiness import wait_ready  # noqa: E402
-from tests.redis_proc import RedisProcess, free_port  # noqa: E402
+from benchmarks._common import dare_server  # noqa: E402
+from tests.redis_proc import RedisProcess  # noqa: E402
 
 SEED = 20240607
 N_ITEMS, N_CATEGORIES = 50_001, 200
@@ -91,36 +87,6 @@ async def fill_store(url: str) -> None:
         await store.set_active_fm_version(FM_VERSION)
     finally:
         await store.aclose()
-
-
-@contextmanager
-def server(root: Path, redis_url: str, batching: bool) -> Iterator[str]:
-    """`dare-serve serve` in a subprocess; yields its base URL."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DARE_")}
-    env |= {
-        "DARE_REDIS_NAMESPACE": "bench",
-        "DARE_BATCH_ENABLED": str(batching).lower(),
-        "DARE_FEATURE_TIMEOUT_MS": "2000",
-    }
-    script = Path(sys.executable).parent / "dare-serve"
-    cli = [str(script)] if script.exists() else [sys.executable, "-m", "service.cli"]
-    cmd = [*cli, "serve", "--bundles", str(root), "--redis-url", redis_url, "--port", str(port),
-           "--log-level", "warning"]  # fmt: skip
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        base = f"http://127.0.0.1:{port}"
-        try:
-            if not wait_ready(base, 120, alive=lambda: proc.poll() is None):
-                log.seek(0)
-                raise RuntimeError(f"server did not start: {log.read().decode()[-2000:]}")
-            yield base
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
 
 
 def parse_timing(header: str) -> dict[str, float]:
@@ -235,7 +201,9 @@ def main() -> None:
         seq: dict[tuple[int, bool], dict[str, np.ndarray]] = {}
         conc: dict[tuple[int, bool], tuple[np.ndarray, float]] = {}
         for batching in (False, True):
-            with server(work / "bundles", redis.url, batching) as base:
+            env = {"DARE_BATCH_ENABLED": str(batching).lower()}
+            with dare_server(work / "bundles", redis.url, env) as srv:
+                base = srv.base
                 for length in LENGTHS:
                     seq[(length, batching)] = run_sequential(base, length, n, warmup)
                 for length in LENGTHS:

@@ -73,3 +73,42 @@ def score_offline(
             present,
         )
     return torch.sigmoid(logit).numpy()
+
+
+def full_attention_logits(
+    model: TwoStageRanker,
+    cand_rows: torch.Tensor,
+    beh_rows: torch.Tensor,
+    beh_buckets: torch.Tensor,
+    fm: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Logits [C] of the ranker's stage 2 attending over all L behaviors of one user, not the top K.
+
+    The same function as `model.stage2` with every behavior retrieved for every candidate: the
+    baseline that stage-1 search replaces. Written as matrix products: the behaviors' vectors are
+    computed once per user instead of once per candidate, and the aggregation is linear in the
+    representations, so no [C, L, d] tensor is built. `cand_rows` [C], `beh_rows` and `beh_buckets`
+    [L]; `fm` [fm_dim], or None when the FM embedding is missing. For evaluation: no item dropout.
+    """
+    a_t = model.attention_vectors(cand_rows)
+    a_b = model.attention_vectors(beh_rows)
+    logits = (a_t @ a_b.T + model.time_bias()[beh_buckets]) * model.scale  # [C, L]
+    c, length = logits.shape
+    r_t = model.repr_item(cand_rows) + model.repr_cat(model.row_category[cand_rows])
+    r_b = (
+        model.repr_item(beh_rows)
+        + model.repr_cat(model.row_category[beh_rows])
+        + model.repr_time(beh_buckets)
+    )
+    if length:
+        weights = torch.softmax(logits, dim=1)
+        mass = torch.logsumexp(logits, dim=1, keepdim=True)
+    else:  # no history: zero weights and mass, as stage 2 gives an all-masked row
+        weights, mass = logits, logits.new_zeros((c, 1))
+    has_history = logits.new_full((c, 1), 1.0 if length else 0.0)
+    parts = [r_t, (weights @ r_b) * r_t, mass, has_history]
+    if model.cfg.fm_dim:
+        present = logits.new_full((c, 1), 0.0 if fm is None else 1.0)
+        vec = logits.new_zeros(model.cfg.fm_dim) if fm is None else fm
+        parts += [model.fm_proj(vec).expand(c, -1) * present, present]
+    return model.head(torch.cat(parts, dim=-1)).squeeze(-1)

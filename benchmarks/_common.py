@@ -1,0 +1,175 @@
+"""Helpers shared by the benchmark scripts: the machine line, markdown tables, server processes.
+
+Import it after the script has put the repository root first on `sys.path` (see any script here).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def memory_gib() -> float:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return float("nan")
+
+
+def machine_line() -> str:
+    """One line naming the machine a run was measured on."""
+    return (
+        f"{cpu_model()}, {os.cpu_count()} cores, {memory_gib():.0f} GiB, "
+        f"{platform.system()} {platform.release()}, Python {platform.python_version()}"
+    )
+
+
+def pct(values: Sequence[float] | np.ndarray, q: float) -> float:
+    arr = np.asarray(values, dtype=np.float64)
+    return float(np.percentile(arr, q)) if arr.size else float("nan")
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """A markdown table as lines."""
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(row) + " |" for row in rows]
+    return out
+
+
+def print_lines(lines: Sequence[str]) -> None:
+    print("\n".join(lines), flush=True)
+
+
+# -- processes ----------------------------------------------------------------------------------
+
+
+def _stat_fields(pid: int, tid: int | None = None) -> list[str] | None:
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    try:
+        raw = Path(path).read_text()
+    except OSError:
+        return None
+    # the command name is in parentheses and may hold spaces: split after its closing one
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants (Linux /proc; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        fields = _stat_fields(int(entry.name))
+        if fields is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    return tree
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU seconds used so far by these processes (those still alive)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = _stat_fields(pid)
+        if fields is not None:
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
+def main_thread_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process's main thread alone (for a uvicorn server: its event loop)."""
+    fields = _stat_fields(pid, pid)
+    return 0.0 if fields is None else (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Server:
+    """A started HTTP server process."""
+
+    base: str
+    host: str
+    port: int
+    pid: int
+
+
+def free_port() -> int:
+    from tests.redis_proc import free_port as _free_port
+
+    return _free_port()
+
+
+@contextmanager
+def dare_server(
+    bundles: Path, redis_url: str, env: Mapping[str, str] | None = None, namespace: str = "bench"
+) -> Iterator[Server]:
+    """`dare-serve serve` in a subprocess (uvicorn, one worker); yields it once /readyz answers 200.
+
+    Every DARE_* variable of this environment is dropped, so only `env` configures the server.
+    """
+    from service.readiness import wait_ready
+
+    port = free_port()
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("DARE_")}
+    full_env |= {"DARE_REDIS_NAMESPACE": namespace, "DARE_FEATURE_TIMEOUT_MS": "2000", **(env or {})}
+    script = Path(sys.executable).parent / "dare-serve"
+    cli = [str(script)] if script.exists() else [sys.executable, "-m", "service.cli"]
+    cmd = [*cli, "serve", "--bundles", str(bundles), "--redis-url", redis_url, "--port", str(port),
+           "--log-level", "warning"]  # fmt: skip
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            if not wait_ready(base, 120, alive=lambda: proc.poll() is None):
+                log.seek(0)
+                raise RuntimeError(f"server did not start: {log.read().decode()[-2000:]}")
+            yield Server(base, "127.0.0.1", port, proc.pid)
+        finally:
+            stop_process(proc)
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 20.0) -> None:
+    """SIGTERM, then SIGKILL if it does not exit in time."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def elapsed(t0: float) -> str:
+    return f"{time.perf_counter() - t0:.0f}s"
