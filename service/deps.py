@@ -11,13 +11,16 @@ from pydantic import SecretStr
 from service.errors import EndpointDisabled, Forbidden, Unauthorized, request_id_of
 from service.state import STATE_KEY, AppState
 
+# Dependencies are `async def` although they never await: FastAPI runs a plain `def` dependency in
+# a worker thread, a hand-off per request that costs more than the attribute read itself.
 
-def get_state(request: Request) -> AppState:
+
+async def get_state(request: Request) -> AppState:
     """The AppState built by the lifespan."""
     return getattr(request.state, STATE_KEY)  # type: ignore[no-any-return]
 
 
-def get_request_id(request: Request) -> str:
+async def get_request_id(request: Request) -> str:
     """The id the middleware gave this request (echoed X-Request-ID or a new one)."""
     return request_id_of(request) or ""
 
@@ -40,7 +43,7 @@ def check_bearer(authorization: str | None, token: SecretStr, realm: str) -> Non
         raise Forbidden(f"the token is not valid for {realm}")
 
 
-def require_admin(state: StateDep, authorization: AuthorizationHeader = None) -> None:
+async def require_admin(state: StateDep, authorization: AuthorizationHeader = None) -> None:
     """Admin endpoints: 404 when no admin token is configured, else a bearer token check."""
     token = state.settings.admin_token
     if token is None:
@@ -48,7 +51,7 @@ def require_admin(state: StateDep, authorization: AuthorizationHeader = None) ->
     check_bearer(authorization, token, "admin endpoints")
 
 
-def require_writer(state: StateDep, authorization: AuthorizationHeader = None) -> None:
+async def require_writer(state: StateDep, authorization: AuthorizationHeader = None) -> None:
     """`POST /v1/events`: open when no write token is configured, else a bearer token check."""
     token = state.settings.write_token
     if token is not None:
