@@ -41,9 +41,10 @@ RETRY_AFTER_S = 2
 # Once a feature read has failed, a queued request's waiting counts against its own budget, so
 # every answer comes within one budget of its arrival (without that, requests queued behind
 # batches stuck on Redis took two to three budgets). The slack absorbs scheduling on two cores
-# shared with Redis, the server and the clients.
-SLACK_S = 0.35
-BOUND_S = TIMEOUT_MS / 1000 + SLACK_S
+# shared with Redis, the server and the clients: the p99 gets a little of it, a lone answer more
+# (a client thread or the timer can be descheduled for a while on a loaded box).
+P99_BOUND_S = TIMEOUT_MS / 1000 + 0.25
+BOUND_S = TIMEOUT_MS / 1000 + 0.75
 FAULT_S = 1.5  # how long each fault lasts
 RECOVERY_S = 10.0  # the service must be ready again within this after Redis is back
 SCORERS, WRITERS = 6, 2
@@ -222,6 +223,9 @@ def test_redis_fault_under_load(env: Env, fault: Fault) -> None:
     slow = [r for r in records if r.seconds > BOUND_S]
     assert not slow, f"{len(slow)} answers over {BOUND_S}s, slowest {max(r.seconds for r in slow):.2f}s"
     assert max(r.seconds for r in down + up) <= BOUND_S
+    seconds = sorted(r.seconds for r in records)
+    p99 = seconds[int(0.99 * (len(seconds) - 1))]
+    assert p99 <= P99_BOUND_S, f"p99 {p99:.3f}s over {P99_BOUND_S}s"
 
     # Before the fault, and once ready again, everything is served: recovery without a restart.
     before = [r for r in records if r.ended < t_fault]
