@@ -132,11 +132,16 @@ def free_port() -> int:
 
 @contextmanager
 def dare_server(
-    bundles: Path, redis_url: str, env: Mapping[str, str] | None = None, namespace: str = "bench"
+    bundles: Path,
+    redis_url: str | None,
+    env: Mapping[str, str] | None = None,
+    namespace: str = "bench",
+    extra_args: Sequence[str] = (),
 ) -> Iterator[Server]:
     """`dare-serve serve` in a subprocess (uvicorn, one worker); yields it once /readyz answers 200.
 
     Every DARE_* variable of this environment is dropped, so only `env` configures the server.
+    Without `redis_url` it serves from the in-memory store (fill it with `extra_args`: --data, ...).
     """
     from service.readiness import wait_ready
 
@@ -145,8 +150,9 @@ def dare_server(
     full_env |= {"DARE_REDIS_NAMESPACE": namespace, "DARE_FEATURE_TIMEOUT_MS": "2000", **(env or {})}
     script = Path(sys.executable).parent / "dare-serve"
     cli = [str(script)] if script.exists() else [sys.executable, "-m", "service.cli"]
-    cmd = [*cli, "serve", "--bundles", str(bundles), "--redis-url", redis_url, "--port", str(port),
-           "--log-level", "warning"]  # fmt: skip
+    store = ["--redis-url", redis_url] if redis_url is not None else []
+    cmd = [*cli, "serve", "--bundles", str(bundles), *store, "--port", str(port),
+           "--log-level", "warning", *extra_args]  # fmt: skip
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT)
         base = f"http://127.0.0.1:{port}"

@@ -24,18 +24,16 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from collections.abc import Callable, Iterator  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
 from typing import TypeVar  # noqa: E402
 
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks._common import dare_server  # noqa: E402
 from benchmarks.service_latency import (  # noqa: E402
     CANDIDATES,
     FM_DIM,
@@ -50,8 +48,6 @@ from benchmarks.service_latency import (  # noqa: E402
 )
 from service.core.runtime import single_threaded_numerics  # noqa: E402
 from service.core.search import Stage1Engine, gpu_available, knn_plain  # noqa: E402
-from service.readiness import wait_ready  # noqa: E402
-from tests.redis_proc import free_port  # noqa: E402
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 T = TypeVar("T")
@@ -190,36 +186,18 @@ def write_store_files(work: Path) -> tuple[Path, Path]:
     return data, fm_file
 
 
-@contextmanager
-def gpu_server(root: Path, data: Path, fm_file: Path, batching: bool) -> Iterator[str]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DARE_")}
-    env |= {"DARE_DEVICE": "cuda", "DARE_BATCH_ENABLED": str(batching).lower()}
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--bundles", str(root), "--port", str(port),
-           "--data", str(data), "--fm-embeddings", str(fm_file), "--log-level", "warning"]  # fmt: skip
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        base = f"http://127.0.0.1:{port}"
-        try:
-            if not wait_ready(base, 180, alive=lambda: proc.poll() is None):
-                log.seek(0)
-                raise RuntimeError(f"server did not start: {log.read().decode()[-3000:]}")
-            yield base
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-
 def service(root: Path, work: Path, n: int) -> dict:
     import httpx
 
     data, fm_file = write_store_files(work)
     out: dict = {"sequential": [], "concurrent": []}
+    env = {"DARE_DEVICE": "cuda"}
+    store = ["--data", str(data), "--fm-embeddings", str(fm_file)]  # the in-memory feature store
     for batching in (True, False):
-        with gpu_server(root, data, fm_file, batching) as base:
+        with dare_server(
+            root, None, env | {"DARE_BATCH_ENABLED": str(batching).lower()}, extra_args=store
+        ) as srv:
+            base = srv.base
             device = httpx.get(f"{base}/v1/models").json()["device"]
             out["device"] = device
             assert device["execution_providers"][0] == CUDA and device["faiss_device"] == "cuda", device
