@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +54,17 @@ def machine_line() -> str:
 def pct(values: Sequence[float] | np.ndarray, q: float) -> float:
     arr = np.asarray(values, dtype=np.float64)
     return float(np.percentile(arr, q)) if arr.size else float("nan")
+
+
+def median_ms(fn: Callable[[], object], reps: int) -> float:
+    """Median wall time of `reps` calls in ms, after one untimed call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e3)
 
 
 def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:

@@ -27,8 +27,6 @@ if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import argparse  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
 from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from functools import partial  # noqa: E402
@@ -36,7 +34,7 @@ from functools import partial  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks._common import machine_line, md_table, print_lines  # noqa: E402
+from benchmarks._common import machine_line, md_table, median_ms, print_lines  # noqa: E402
 from benchmarks._workload import Models, build_models  # noqa: E402
 from benchmarks.server_concurrency import DEFAULT_WORKDIR  # noqa: E402
 from exporters.models import TwoStageRanker  # noqa: E402
@@ -107,16 +105,6 @@ def evaluate(models: Models, batch_size: int = 512) -> tuple[dict[str, Quality],
     return out, len(test), int(long.sum()), float(manifest.metrics["auc"])
 
 
-def _median_ms(fn: Callable[[], object], reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1e3)
-
-
 def costs(models: Models, reps: int, rounds: int = 3) -> dict[int, dict[str, float]]:
     """ms per request (200 candidates) of the three paths at each length, alternating in rounds."""
     from exporters.bundle import load_bundle
@@ -179,7 +167,7 @@ def costs(models: Models, reps: int, rounds: int = 3) -> dict[int, dict[str, flo
         samples: dict[str, list[float]] = {name: [] for name in fns}
         for _ in range(rounds):
             for name, fn in fns.items():
-                samples[name].append(_median_ms(fn, reps))
+                samples[name].append(median_ms(fn, reps))
         out[length] = {name: float(np.median(v)) for name, v in samples.items()}
 
     engine.close()

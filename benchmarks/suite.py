@@ -39,20 +39,10 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
-from benchmarks._common import machine_line  # noqa: E402
+from benchmarks._common import machine_line, median_ms  # noqa: E402
 from service.core.search import Stage1Engine, knn_plain  # noqa: E402
 
 K = 64
-
-
-def _median_ms(fn: Callable[[], object], reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1e3)
 
 
 def _alternate(
@@ -67,7 +57,7 @@ def _alternate(
         for name, fn in fns.items():
             if setup and name in setup:
                 setup[name]()
-            samples[name].append(_median_ms(fn, reps))
+            samples[name].append(median_ms(fn, reps))
     return {name: float(np.median(v)) for name, v in samples.items()}
 
 
