@@ -10,8 +10,9 @@ head start instead: it splits each row of scores into G strided groups and takes
 group maximum as a lower bound on the row's K-th score (K groups each hold an element at least
 that large). Short rows seed FAISS's heap with the bound and let it scan the row; long rows keep
 only the scores at or above the bound (a few more than K) and hand those to the heap. Either way
-almost only the true top-K enter the heap. Results are exact: the same behaviors and scores as `faiss.knn`
-(up to the order of exactly tied scores). On GPU the search is FAISS's brute-force `knn_gpu`.
+almost only the true top-K enter the heap. Results are exact: the same behaviors as `faiss.knn`
+(up to the order of exactly tied scores), with scores that differ only in float rounding, because
+BLAS sums the products in another order. On GPU the search is FAISS's brute-force `knn_gpu`.
 """
 
 from __future__ import annotations
