@@ -141,6 +141,12 @@ def free_port() -> int:
     return _free_port()
 
 
+def dare_serve_cli() -> list[str]:
+    """The `dare-serve` command of this interpreter's environment (the module when not installed)."""
+    script = Path(sys.executable).parent / "dare-serve"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "service.cli"]
+
+
 @contextmanager
 def dare_server(
     bundles: Path,
@@ -159,8 +165,7 @@ def dare_server(
     port = free_port()
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("DARE_")}
     full_env |= {"DARE_REDIS_NAMESPACE": namespace, "DARE_FEATURE_TIMEOUT_MS": "2000", **(env or {})}
-    script = Path(sys.executable).parent / "dare-serve"
-    cli = [str(script)] if script.exists() else [sys.executable, "-m", "service.cli"]
+    cli = dare_serve_cli()
     store = ["--redis-url", redis_url] if redis_url is not None else []
     cmd = [*cli, "serve", "--bundles", str(bundles), *store, "--port", str(port),
            "--log-level", "warning", *extra_args]  # fmt: skip

@@ -27,7 +27,6 @@ if __package__ in (None, ""):
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
-import signal  # noqa: E402
 import subprocess  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -38,6 +37,7 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
+from benchmarks._common import dare_serve_cli, stop_process  # noqa: E402
 from loadtest.run import parse_duration  # noqa: E402
 from service.readiness import wait_ready  # noqa: E402
 from tests.redis_proc import RedisProcess, free_port  # noqa: E402
@@ -158,24 +158,9 @@ def tiny_build(workdir: Path) -> tuple[Path, Path, Path]:
     return root, data, emb_file
 
 
-def cli() -> list[str]:
-    script = Path(sys.executable).parent / "dare-serve"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "service.cli"]
-
-
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DARE_", "LOCUST_"))}
     return env | extra
-
-
-def stop(proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 # -- verdict -----------------------------------------------------------------------------------
@@ -306,8 +291,12 @@ def main(argv: list[str] | None = None) -> int:
     server: subprocess.Popen[bytes] | None = None
     try:
         with open(log, "wb") as sink:
-            server = subprocess.Popen([*cli(), "serve", *serve_args], stdout=sink, stderr=subprocess.STDOUT,
-                                      env=clean_env(DARE_REDIS_NAMESPACE="soak"))  # fmt: skip
+            server = subprocess.Popen(
+                [*dare_serve_cli(), "serve", *serve_args],
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                env=clean_env(DARE_REDIS_NAMESPACE="soak"),
+            )
         base = f"http://127.0.0.1:{port}"
         if not wait_ready(base, 180, alive=lambda: server is not None and server.poll() is None):
             print(f"soak: the server did not get ready; see {log}", file=sys.stderr)
@@ -320,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         sampler.t0, sampler.phase = time.monotonic(), "load"
         sampler.start()
         lt_out = out / "loadtest"
-        cmd = [*cli(), "loadtest", "--host", base, "--users", str(args.users),
+        cmd = [*dare_serve_cli(), "loadtest", "--host", base, "--users", str(args.users),
                "--spawn-rate", f"{args.spawn_rate:g}", "--duration", f"{duration_s}s", "--out", str(lt_out),
                "--wait-ms", f"{args.wait_ms:g}", "--events-share", f"{args.events_share:g}",
                "--candidates", str(args.candidates)]  # fmt: skip
@@ -342,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = json.loads(summary_path.read_text())
     finally:
         if server is not None:
-            stop(server)
+            stop_process(server)
         redis.cleanup()
     samples = sampler.samples
     result = {
