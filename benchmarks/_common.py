@@ -56,15 +56,21 @@ def pct(values: Sequence[float] | np.ndarray, q: float) -> float:
     return float(np.percentile(arr, q)) if arr.size else float("nan")
 
 
-def median_ms(fn: Callable[[], object], reps: int) -> float:
-    """Median wall time of `reps` calls in ms, after one untimed call."""
-    fn()
+def samples_ms(fn: Callable[[], object], reps: int, warmup: int = 1) -> np.ndarray:
+    """Wall time of each of `reps` calls in ms, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1e3)
+    return np.asarray(times) * 1e3
+
+
+def median_ms(fn: Callable[[], object], reps: int) -> float:
+    """Median wall time of `reps` calls in ms, after one untimed call."""
+    return float(np.median(samples_ms(fn, reps)))
 
 
 def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:

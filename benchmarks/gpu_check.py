@@ -33,7 +33,7 @@ from typing import TypeVar  # noqa: E402
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks._common import dare_server  # noqa: E402
+from benchmarks._common import dare_server, samples_ms  # noqa: E402
 from benchmarks.service_latency import (  # noqa: E402
     CANDIDATES,
     FM_DIM,
@@ -57,17 +57,6 @@ def in_compute_thread(fn: Callable[[], T]) -> T:
     """Run fn as the CPU service runs its compute: in a worker with BLAS and OpenMP at one thread."""
     with ThreadPoolExecutor(1, initializer=single_threaded_numerics) as pool:
         return pool.submit(fn).result()
-
-
-def timed_ms(fn: Callable[[], object], reps: int, warmup: int = 5) -> np.ndarray:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t0) * 1e3)
-    return np.asarray(out)
 
 
 def p(a: np.ndarray, q: float) -> float:
@@ -94,14 +83,16 @@ def stage1(reps: int) -> list[dict]:
         queries[:, -1] = 1.0
         ref = knn_plain(queries, keys, 64)
         on_gpu = gpu.search([(queries, keys)], 64)[0]
-        t_plain = timed_ms(lambda q=queries, k=keys: knn_plain(q, k, 64), reps)
-        t_cpu = in_compute_thread(lambda q=queries, k=keys: timed_ms(lambda: cpu.search([(q, k)], 64), reps))
-        t_gpu = timed_ms(lambda q=queries, k=keys: gpu.search([(q, k)], 64), reps)
+        t_plain = samples_ms(lambda q=queries, k=keys: knn_plain(q, k, 64), reps, 5)
+        t_cpu = in_compute_thread(
+            lambda q=queries, k=keys: samples_ms(lambda: cpu.search([(q, k)], 64), reps, 5)
+        )
+        t_gpu = samples_ms(lambda q=queries, k=keys: gpu.search([(q, k)], 64), reps, 5)
         pairs = [(queries, keys)] * 32
         b_cpu = in_compute_thread(
-            lambda pr=pairs: timed_ms(lambda: cpu.search(pr, 64), max(3, reps // 10), 1)
+            lambda pr=pairs: samples_ms(lambda: cpu.search(pr, 64), max(3, reps // 10), 1)
         )
-        b_gpu = timed_ms(lambda pr=pairs: gpu.search(pr, 64), max(3, reps // 10), warmup=1)
+        b_gpu = samples_ms(lambda pr=pairs: gpu.search(pr, 64), max(3, reps // 10), 1)
         rows.append(
             {
                 "length": length,
@@ -142,13 +133,13 @@ def stage2(bundle: Path, reps: int) -> list[dict]:
         job = prepare_job(on_cpu, cands, items, times, int(times[-1]) + 60, fm)
         a = score_jobs(on_cpu, [job])[0]
         b = score_jobs(on_gpu, [job], gpu_engine)[0]
-        one_cpu = in_compute_thread(lambda j=job: timed_ms(lambda: score_jobs(on_cpu, [j]), reps))
-        one_gpu = timed_ms(lambda j=job: score_jobs(on_gpu, [j], gpu_engine), reps)
+        one_cpu = in_compute_thread(lambda j=job: samples_ms(lambda: score_jobs(on_cpu, [j]), reps, 5))
+        one_gpu = samples_ms(lambda j=job: score_jobs(on_gpu, [j], gpu_engine), reps, 5)
         batch = [job] * 32
         many_cpu = in_compute_thread(
-            lambda bt=batch: timed_ms(lambda: score_jobs(on_cpu, bt), max(3, reps // 10), 1)
+            lambda bt=batch: samples_ms(lambda: score_jobs(on_cpu, bt), max(3, reps // 10), 1)
         )
-        many_gpu = timed_ms(lambda bt=batch: score_jobs(on_gpu, bt, gpu_engine), max(3, reps // 10), 1)
+        many_gpu = samples_ms(lambda bt=batch: score_jobs(on_gpu, bt, gpu_engine), max(3, reps // 10), 1)
         rank_gpu = [score_jobs(on_gpu, [job], gpu_engine)[0].rank_s * 1e3 for _ in range(reps)]
         rows.append(
             {

@@ -11,25 +11,23 @@ engine with its own thread pool (OpenMP and BLAS at one thread each, as the serv
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as a file, this folder would shadow the repository's packages; put the root first.
+    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
 import argparse
 import os
 import platform
-import time
 
 import faiss
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from benchmarks._common import samples_ms
 from service.core.search import Stage1Engine, knn_plain, knn_threshold
-
-
-def timed(fn, reps: int) -> list[float]:
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t0) * 1e3)
-    return out
 
 
 def main() -> None:
@@ -64,14 +62,15 @@ def main() -> None:
         assert (res.positions == ref.positions).all(axis=1)[~ties].all(), f"{name}: different behaviors"
         print(f"{name}: identical positions {same_ids}, identical scores {same_scores}")
 
+    reps = args.reps
     times: dict[str, list[float]] = {"faiss.knn": [], "threshold, 1 thread": [], "engine": []}
     with threadpool_limits(limits=1, user_api="blas"):
         for _ in range(args.rounds):
             faiss.omp_set_num_threads(omp_default)
-            times["faiss.knn"] += timed(lambda: knn_plain(queries, keys, k), args.reps)
+            times["faiss.knn"].extend(samples_ms(lambda: knn_plain(queries, keys, k), reps, 0))
             faiss.omp_set_num_threads(1)
-            times["threshold, 1 thread"] += timed(lambda: knn_threshold(queries, keys, k), args.reps)
-            times["engine"] += timed(lambda: engine.search([(queries, keys)], k), args.reps)
+            times["threshold, 1 thread"].extend(samples_ms(lambda: knn_threshold(queries, keys, k), reps, 0))
+            times["engine"].extend(samples_ms(lambda: engine.search([(queries, keys)], k), reps, 0))
     faiss.omp_set_num_threads(omp_default)
     engine.close()
 
