@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+
+from feature_store.memory_store import InMemoryFeatureStore
 from service.app import create_app
+from service.metrics import Metrics
+from service.scoring import ScoreJob, Scorer
 from tests.redis_proc import RedisProcess
 from tests.service.conftest import ServedData, SettingsFactory, TestClient, is_problem, load_into
 
@@ -63,14 +69,6 @@ def test_redis_down_gives_fast_503_and_recovers(
 
 
 def test_queueing_counts_against_the_feature_budget_only_while_the_store_fails() -> None:
-    from concurrent.futures import ThreadPoolExecutor
-
-    import numpy as np
-
-    from feature_store.memory_store import InMemoryFeatureStore
-    from service.metrics import Metrics
-    from service.scoring import ScoreJob, Scorer
-
     with ThreadPoolExecutor(1) as pool:
         scorer = Scorer(
             InMemoryFeatureStore(),
