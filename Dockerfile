@@ -41,6 +41,8 @@ COPY --from=build-cpu /opt/venv /opt/venv
 COPY --chown=dare:dare ${BUNDLES_DIR} /bundles
 ENV PATH=/opt/venv/bin:$PATH DARE_BUNDLES=/bundles DARE_HOST=0.0.0.0 DARE_PORT=8000 PYTHONUNBUFFERED=1
 USER dare
+# compile the stage-1 selection kernel once at build time (numba caches it under ~/.cache)
+RUN python -c "import service.core.topk"
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"
@@ -56,6 +58,8 @@ COPY --chown=dare:dare ${BUNDLES_DIR} /bundles
 ENV PATH=/opt/venv/bin:$PATH DARE_BUNDLES=/bundles DARE_HOST=0.0.0.0 DARE_PORT=8000 PYTHONUNBUFFERED=1 \
     DARE_DEVICE=auto
 USER dare
+# compile the stage-1 selection kernel once at build time (numba caches it under ~/.cache)
+RUN python -c "import service.core.topk"
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"

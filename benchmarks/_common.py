@@ -166,8 +166,6 @@ def dare_server(
     Every DARE_* variable of this environment is dropped, so only `env` configures the server.
     Without `redis_url` it serves from the in-memory store (fill it with `extra_args`: --data, ...).
     """
-    from service.readiness import wait_ready
-
     port = free_port()
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("DARE_")}
     full_env |= {"DARE_REDIS_NAMESPACE": namespace, "DARE_FEATURE_TIMEOUT_MS": "2000", **(env or {})}
@@ -175,13 +173,24 @@ def dare_server(
     store = ["--redis-url", redis_url] if redis_url is not None else []
     cmd = [*cli, "serve", "--bundles", str(bundles), *store, "--port", str(port),
            "--log-level", "warning", *extra_args]  # fmt: skip
+    with http_server(cmd, port, full_env) as server:
+        yield server
+
+
+@contextmanager
+def http_server(
+    cmd: Sequence[str], port: int, env: Mapping[str, str], timeout_s: float = 120
+) -> Iterator[Server]:
+    """A server process listening on 127.0.0.1:`port`; yields it once its /readyz answers 200."""
+    from service.readiness import wait_ready
+
     with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(list(cmd), env=dict(env), stdout=log, stderr=subprocess.STDOUT)
         base = f"http://127.0.0.1:{port}"
         try:
-            if not wait_ready(base, 120, alive=lambda: proc.poll() is None):
+            if not wait_ready(base, timeout_s, alive=lambda: proc.poll() is None):
                 log.seek(0)
-                raise RuntimeError(f"server did not start: {log.read().decode()[-2000:]}")
+                raise RuntimeError(f"{cmd[0]} did not start: {log.read().decode()[-2000:]}")
             yield Server(base, "127.0.0.1", port, proc.pid)
         finally:
             stop_process(proc)

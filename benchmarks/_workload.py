@@ -69,9 +69,9 @@ class Workload:
     """Users with their sequences and FM vectors, and the request bodies sent to every server."""
 
     users: list[str]
-    items: np.ndarray  # [USERS, EVENTS] raw item ids
-    timestamps: np.ndarray  # [USERS, EVENTS] seconds, increasing per user
-    fm: np.ndarray  # [USERS, fm_dim] float32
+    items: np.ndarray  # [users, events] raw item ids
+    timestamps: np.ndarray  # [users, events] seconds, increasing per user
+    fm: np.ndarray  # [users, fm_dim] float32
     fm_version: str | None
     now: int
     requests: list[dict]
@@ -81,23 +81,30 @@ class Workload:
         return int(user_id.rsplit("-", 1)[1])
 
 
-def make_workload(models: Models, quick: bool = False) -> Workload:
+def make_workload(
+    models: Models, quick: bool = False, events: int = EVENTS, n_users: int = USERS, prefix: str = "load"
+) -> Workload:
+    """`n_users` users (a quarter when quick) of `events` behaviors each, named `<prefix>-00000`...
+
+    The defaults are the workload of sections c and f; another `prefix` keeps a second set of
+    users apart in the same Redis.
+    """
     from exporters.bundle import load_bundle
 
-    rng = np.random.default_rng(SEED)
+    rng = np.random.default_rng(SEED if events == EVENTS else SEED + events)
     ranker = load_bundle(models.ranker)
     catalog = ranker.item_ids[1:]
     weights = np.ones(len(catalog))
     if models.data is not None:  # draw behaviors like the dataset's users do
-        events = pd.read_parquet(models.data / "events.parquet", columns=["item_id"])
-        weights += events["item_id"].value_counts().reindex(catalog, fill_value=0).to_numpy(np.float64)
-    n_users = USERS // 4 if quick else USERS
-    items = rng.choice(catalog, (n_users, EVENTS), p=weights / weights.sum())
+        seen = pd.read_parquet(models.data / "events.parquet", columns=["item_id"])
+        weights += seen["item_id"].value_counts().reindex(catalog, fill_value=0).to_numpy(np.float64)
+    n_users = max(1, n_users // 4) if quick else n_users
+    items = rng.choice(catalog, (n_users, events), p=weights / weights.sum())
     start = 1_700_000_000
-    gaps = rng.exponential(365 * DAY / EVENTS, (n_users, EVENTS)).astype(np.int64) + 1
+    gaps = rng.exponential(365 * DAY / events, (n_users, events)).astype(np.int64) + 1
     timestamps = start + np.cumsum(gaps, axis=1)
     now = int(timestamps.max()) + 60
-    users = [f"load-{i:05d}" for i in range(n_users)]
+    users = [f"{prefix}-{i:05d}" for i in range(n_users)]
     fm_dim, fm_version = ranker.manifest.dims.fm, ranker.manifest.fm_version
     fm = _fm_vectors(models, users, items, timestamps, now, fm_dim, rng)
     requests = []
@@ -139,13 +146,13 @@ def _fm_vectors(
 
 def fill_redis(url: str, w: Workload, namespace: str = NAMESPACE) -> None:
     """Replace the load users' sequences and FM embeddings in Redis; make the FM version active."""
-    from feature_store.base import Sequence
+    from feature_store.base import UserSequence
     from feature_store.factory import open_feature_store
 
     async def run() -> None:
         store = open_feature_store(url, timeout_s=30.0, namespace=namespace)
         try:
-            seqs = {u: Sequence(w.items[i], w.timestamps[i]) for i, u in enumerate(w.users)}
+            seqs = {u: UserSequence(w.items[i], w.timestamps[i]) for i, u in enumerate(w.users)}
             await store.replace_sequences(seqs)
             if w.fm_version is not None and w.fm.shape[1]:
                 await store.write_fm_embeddings(w.fm_version, w.users, w.fm)
@@ -164,6 +171,6 @@ def describe(models: Models, w: Workload) -> str:
     return (
         f"`{m.variant}` ranker v{m.version} (K={m.top_k}, attention d={m.dims.attention}, "
         f"representation d={m.dims.representation}, FM d={m.dims.fm}); {len(w.users):,} users of "
-        f"{EVENTS:,} behaviors each in Redis on loopback; every request: one user, {CANDIDATES} "
+        f"{w.items.shape[1]:,} behaviors each in Redis on loopback; every request: one user, {CANDIDATES} "
         f"candidates; {len(w.bodies):,} fixed request bodies"
     )

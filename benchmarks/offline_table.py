@@ -28,7 +28,7 @@ from exporters.train import TrainConfig, train
 
 def _row(name: str, dataset: str, r: dict, pop: bool = False) -> dict:
     m = r["metrics"]["popularity"] if pop else r["metrics"]
-    ret = r["metrics"].get("retrieval") or {}
+    ret = (r["metrics"].get("retrieval") or {}).get("planted") or {}
     return {
         "dataset": dataset,
         "model": name,

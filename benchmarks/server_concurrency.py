@@ -320,10 +320,10 @@ def render(
         f"answer arrives, over one keep-alive connection; {rounds} per point after {sizes.warmup_s:g} s "
         "of warm-up, the two servers alternating. Both servers run with the defaults except "
         "`DARE_BATCH_ENABLED` (batching on: at most 32 requests per batch, 2 ms wait while another batch "
-        "runs, 2 batches in flight; one compute thread, ORT at one thread). Latency in ms as the client "
-        "sees it. CPU: server + Redis CPU time per request, and in parentheses the part of the server's "
-        "event-loop thread (HTTP, JSON, Redis client); the rest is the compute threads. The load "
-        "generator runs on the same cores (its share of one core is in the last column).",
+        "runs, one batch in flight and one compute thread per core, ORT at one thread). Latency in ms as "
+        "the client sees it. CPU: server + Redis CPU time per request, and in parentheses the part of the "
+        "server's event-loop thread (HTTP, JSON, Redis client); the rest is the compute threads. The "
+        "load generator runs on the same cores (its share of one core is in the last column).",
         "",
         *md_table(
             [

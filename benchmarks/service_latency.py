@@ -75,13 +75,13 @@ def candidates() -> list[int]:
 
 
 async def fill_store(url: str) -> None:
-    from feature_store.base import Sequence
+    from feature_store.base import UserSequence
     from feature_store.factory import open_feature_store
 
     store = open_feature_store(url, timeout_s=30.0, namespace="bench")
     try:
         users = [f"user-{n}" for n in LENGTHS]
-        await store.replace_sequences({f"user-{n}": Sequence(*user_history(n)) for n in LENGTHS})
+        await store.replace_sequences({f"user-{n}": UserSequence(*user_history(n)) for n in LENGTHS})
         vectors = np.random.default_rng(SEED).standard_normal((len(users), FM_DIM)).astype(np.float32)
         await store.write_fm_embeddings(FM_VERSION, users, vectors)
         await store.set_active_fm_version(FM_VERSION)
@@ -92,8 +92,8 @@ async def fill_store(url: str) -> None:
 def parse_timing(header: str) -> dict[str, float]:
     out = {}
     for part in header.split(","):
-        name, _, dur = part.strip().partition(";dur=")
-        out[name] = float(dur)
+        name, _, rest = part.strip().partition(";dur=")
+        out[name] = float(rest.partition(";")[0])  # `search` carries a desc after its duration
     return out
 
 

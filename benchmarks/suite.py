@@ -1,6 +1,6 @@
 """Benchmark suite: side-by-side measurements in one run, written to docs/benchmarks.md.
 
-    .venv/bin/python benchmarks/suite.py [--sections a,b,c,d,e,f] [--quick] [--out docs/benchmarks.md]
+    .venv/bin/python benchmarks/suite.py [--sections a,b,c,d,e,f,g,h] [--quick] [--out docs/benchmarks.md]
                                          [--workdir .dare/bench] [--bundles ROOT] [--replicas 1]
 
 Sections (fixed seeds and sizes; every row is a ratio against its baseline measured in the same run):
@@ -10,10 +10,15 @@ Sections (fixed seeds and sizes; every row is a ratio against its baseline measu
   c. the whole server under 1, 8, 32 and 128 concurrent clients, batching on and off, and the
      server's overhead over its compute (benchmarks/server_concurrency.py).
   d. two-stage against full attention over the whole sequence: cost and AUC (benchmarks/full_attention.py).
-  e. the feature store: sequence reads, batched reads, ingest (benchmarks/feature_store.py).
+  e. the feature store: sequence reads, batched reads, ingest, lifelong histories of 10,000 and
+     100,000 events (benchmarks/feature_store.py).
   f. dare-serve against a Ray Serve peer serving the same ranker (benchmarks/ray_peer.py; needs
      benchmarks/peer/setup.sh once).
-c, d and f train the demo's bundles at fixed seeds into --workdir on first use and reuse them. A run
+  g. serving search depth: one model trained on a 2,000-behavior window scored over the newest 1,000,
+     2,000, 10,000 and all behaviors: AUC, planted retrieval, stage latency (benchmarks/depth.py).
+  h. dare-serve against a plain FastAPI peer serving the same ranker, at 1, 8 and 32 clients, for
+     users of 1,000 and 10,000 behaviors (benchmarks/plain_peer.py).
+c, d, f and h train the demo's bundles at fixed seeds into --workdir on first use and reuse them. A run
 of some sections replaces only those sections in --out and keeps the others.
 """
 
@@ -131,13 +136,18 @@ def _eager(graph: object, tensors: list) -> np.ndarray:
         return graph(*tensors)[0].numpy()  # type: ignore[operator]
 
 
+# distinct retrieved behaviors per request in section b (a user of 1,000 behaviors keeps about 900)
+DISTINCT = 900
+
+
 def stage2_section(quick: bool) -> list[str]:
     import onnxruntime as ort
     import torch
 
     from exporters.bundle import load_bundle
-    from exporters.export import export_ranker
-    from exporters.models import RankerConfig, Stage2Graph, TwoStageRanker
+    from exporters.export import export_ranker, ranker_inputs
+    from exporters.models import RankerConfig, TwoStageRanker
+    from exporters.stage2_graph import Stage2Graph
 
     torch.manual_seed(0)
     n_items = 50_000
@@ -146,8 +156,8 @@ def stage2_section(quick: bool) -> list[str]:
     lines = [
         "## b. Stage 2: ONNX Runtime against PyTorch eager",
         "",
-        "The same dare ranker (d=16/64, FM d=32, K=64); one call scores B requests of C candidates. "
-        "Both on CPU with the same thread count.",
+        "The same dare ranker (d=16/64, FM d=32, K=64); one call scores B requests of C candidates, "
+        f"each request with {DISTINCT} distinct retrieved behaviors. Both on CPU with the same thread count.",
         "",
         "| batch x candidates | PyTorch eager ms | ONNX Runtime ms | eager / ORT | max abs diff |",
         "|---|---|---|---|---|",
@@ -173,16 +183,15 @@ def stage2_section(quick: bool) -> list[str]:
         for b, c in ((1, 200), (8, 200), (32, 100)):
             feeds = {
                 "candidates": rng.integers(1, n_items, (b, c)),
-                "behaviors": rng.integers(1, n_items, (b, c, K)),
-                "buckets": rng.integers(0, 64, (b, c, K)),
+                "behaviors": rng.integers(1, n_items, (b, DISTINCT)),
+                "buckets": rng.integers(0, 64, (b, DISTINCT)),
+                "retrieved": rng.integers(0, DISTINCT, (b, c, K)),
+                "scores": rng.standard_normal((b, c, K)).astype(np.float32),
                 "mask": np.ones((b, c, K), np.float32),
                 "fm": rng.standard_normal((b, 32)).astype(np.float32),
                 "fm_present": np.ones(b, np.float32),
             }
-            tensors = [
-                torch.from_numpy(feeds[n])
-                for n in ("candidates", "behaviors", "buckets", "mask", "fm", "fm_present")
-            ]
+            tensors = [torch.from_numpy(feeds[n]) for n in ranker_inputs(model)]
 
             eager = partial(_eager, graph, tensors)
             onnx = partial(session.run, ["probability"], feeds)
@@ -196,7 +205,7 @@ def stage2_section(quick: bool) -> list[str]:
     return lines
 
 
-SECTIONS = "abcdef"
+SECTIONS = "abcdefgh"
 TITLE = re.compile(r"^## ([a-z])\. ", re.M)
 
 
@@ -217,6 +226,14 @@ def run_section(key: str, args: argparse.Namespace) -> list[str]:
         from benchmarks import feature_store
 
         return feature_store.section(args.quick)
+    if key == "g":
+        from benchmarks import depth
+
+        return depth.section(args.quick)
+    if key == "h":
+        from benchmarks import plain_peer
+
+        return plain_peer.section(args.quick, args.workdir, args.bundles)
     from benchmarks import ray_peer
 
     return ray_peer.section(args.quick, args.workdir, args.bundles, args.replicas)
@@ -247,8 +264,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
     ap.add_argument("--quick", action="store_true", help="smaller sizes and shorter runs (a smoke run)")
     ap.add_argument("--sections", default=",".join(SECTIONS), help="sections to run, e.g. c,f (default: all)")
-    ap.add_argument("--workdir", type=Path, default=Path(".dare/bench"), help="trained bundles (c, d, f)")
-    ap.add_argument("--bundles", type=Path, help="c and f: serve this bundle root's newest `dare` instead")
+    ap.add_argument("--workdir", type=Path, default=Path(".dare/bench"), help="trained bundles (c, d, f, h)")
+    ap.add_argument("--bundles", type=Path, help="c, f, h: serve this bundle root's newest `dare` instead")
     ap.add_argument("--replicas", type=int, default=1, help="f: Ray Serve replicas")
     args = ap.parse_args()
     keys = sorted({k for k in args.sections.replace(",", " ").replace(" ", "")})

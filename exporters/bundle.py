@@ -23,9 +23,17 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-FORMAT_VERSION = 1
-_VERSION_RE = re.compile(r"^[0-9]+$")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+from exporters.features import N_TIME_BUCKETS
+
+# 2: the ranker graph takes stage-1 scores and each request's distinct retrieved behaviors once
+# (`exporters/stage2_graph.py`); format 1 took every (candidate, behavior) pair's rows.
+FORMAT_VERSION = 2
+# What this build reads, per model kind: FM bundles did not change from format 1 to 2.
+READABLE_FORMATS: dict[str, tuple[int, ...]] = {"dare": (2,), "coupled": (2,), "fm": (1, 2)}
+# Both are applied with fullmatch, which (unlike `$`) also refuses a trailing newline.
+_VERSION_RE = re.compile(r"[0-9]+")
+# Variant names: one path component of the bundle root; also the keys of per-variant settings.
+VARIANT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 class BundleError(Exception):
@@ -50,6 +58,8 @@ class Manifest(BaseModel):
     created_at: str
     dims: Dims
     top_k: int = Field(ge=1)
+    # The training window. Serving reads as deep as its search-depth setting (stage 1 does not
+    # depend on the history length); the FM user tower reads this many newest behaviors.
     max_seq_len: int = Field(ge=1)
     n_items: int = Field(ge=2)
     n_categories: int = Field(ge=1)
@@ -80,9 +90,14 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def is_variant_name(name: str) -> bool:
+    """Whether `name` is a valid variant name (the whole of it matches `VARIANT_PATTERN`)."""
+    return VARIANT_PATTERN.fullmatch(name) is not None
+
+
 def check_name(kind: str, name: str) -> str:
     """A variant or version name that is safe as one path component."""
-    if not _NAME_RE.match(name) or name in {".", ".."}:
+    if not is_variant_name(name) or name in {".", ".."}:
         raise BundleError(f"invalid {kind} name {name!r}: use letters, digits, '_', '-', '.'")
     return name
 
@@ -91,7 +106,7 @@ def list_versions(variant_dir: Path) -> list[Path]:
     """Version folders of one variant, oldest first (versions are integers)."""
     if not variant_dir.is_dir():
         return []
-    found = [p for p in variant_dir.iterdir() if p.is_dir() and _VERSION_RE.match(p.name)]
+    found = [p for p in variant_dir.iterdir() if p.is_dir() and _VERSION_RE.fullmatch(p.name)]
     return sorted(found, key=lambda p: int(p.name))
 
 
@@ -201,9 +216,17 @@ def read_manifest(path: Path) -> Manifest:
         manifest = Manifest.model_validate_json(mpath.read_bytes())
     except ValidationError as e:
         raise BundleError(f"{mpath}: invalid manifest: {e.errors()[:3]}") from e
-    if manifest.format_version != FORMAT_VERSION:
+    readable = READABLE_FORMATS[manifest.model]
+    if manifest.format_version not in readable:
+        hint = ""
+        if manifest.model != "fm" and manifest.format_version < FORMAT_VERSION:
+            hint = (
+                ": its ranker.onnx takes the per-pair stage-2 inputs of format 1; train and export "
+                "it again with this build (`dare-serve train`)"
+            )
         raise BundleError(
-            f"{mpath}: format_version {manifest.format_version}, this build reads {FORMAT_VERSION}"
+            f"{mpath}: {manifest.model} bundle of format_version {manifest.format_version}, this build "
+            f"reads {', '.join(map(str, readable))}{hint}"
         )
     return manifest
 
@@ -228,13 +251,15 @@ def verify_files(path: Path, manifest: Manifest) -> None:
             )
 
 
+# Expected ONNX inputs or outputs: name -> (element type, shape of ints and axis names).
+IoSpec = dict[str, tuple[str, tuple[int | str, ...]]]
+
+
 def _specs(nodes: list[Any]) -> tuple[TensorSpec, ...]:
     return tuple(TensorSpec(n.name, n.type, tuple(n.shape)) for n in nodes)
 
 
-def _expect_io(
-    path: Path, specs: tuple[TensorSpec, ...], expected: dict[str, tuple[str, tuple]], kind: str
-) -> None:
+def _expect_io(path: Path, specs: tuple[TensorSpec, ...], expected: IoSpec, kind: str) -> None:
     got = {s.name: s for s in specs}
     if set(got) != set(expected):
         raise BundleError(f"{path}: ONNX {kind}s {sorted(got)}, expected {sorted(expected)}")
@@ -252,24 +277,29 @@ def _expect_io(
             )
 
 
-def ranker_io(m: Manifest) -> tuple[dict[str, tuple[str, tuple]], dict[str, tuple[str, tuple]]]:
-    """Expected ONNX inputs and outputs of a ranker bundle's stage-2 graph."""
+def ranker_io(m: Manifest) -> tuple[IoSpec, IoSpec]:
+    """Expected ONNX inputs and outputs of a ranker bundle's stage-2 graph (`Stage2Graph`)."""
     k = m.top_k
-    inputs = {
+    inputs: IoSpec = {
         "candidates": ("tensor(int64)", ("B", "C")),
-        "behaviors": ("tensor(int64)", ("B", "C", k)),
-        "buckets": ("tensor(int64)", ("B", "C", k)),
+        "behaviors": ("tensor(int64)", ("B", "U")),
+        "buckets": ("tensor(int64)", ("B", "U")),
+        "retrieved": ("tensor(int64)", ("B", "C", k)),
+        "scores": ("tensor(float)", ("B", "C", k)),
         "mask": ("tensor(float)", ("B", "C", k)),
     }
     if m.dims.fm:
         inputs |= {"fm": ("tensor(float)", ("B", m.dims.fm)), "fm_present": ("tensor(float)", ("B",))}
-    outputs = {"probability": ("tensor(float)", ("B", "C")), "attention": ("tensor(float)", ("B", "C", k))}
+    outputs: IoSpec = {
+        "probability": ("tensor(float)", ("B", "C")),
+        "attention": ("tensor(float)", ("B", "C", k)),
+    }
     return inputs, outputs
 
 
-def encoder_io(m: Manifest) -> tuple[dict[str, tuple[str, tuple]], dict[str, tuple[str, tuple]]]:
+def encoder_io(m: Manifest) -> tuple[IoSpec, IoSpec]:
     """Expected ONNX inputs and outputs of an FM bundle's user encoder."""
-    inputs = {
+    inputs: IoSpec = {
         "behaviors": ("tensor(int64)", ("B", "L")),
         "buckets": ("tensor(int64)", ("B", "L")),
         "mask": ("tensor(float)", ("B", "L")),
@@ -292,6 +322,12 @@ def load_bundle(
     path = Path(path)
     manifest = read_manifest(path)
     verify_files(path, manifest)
+    if manifest.n_time_buckets < N_TIME_BUCKETS:
+        # Accepted as is, it would fail every request that has an old enough behavior (IndexError).
+        raise BundleError(
+            f"{path}: manifest n_time_buckets={manifest.n_time_buckets}, but serving puts time gaps "
+            f"into buckets 0..{N_TIME_BUCKETS - 1}: the model needs {N_TIME_BUCKETS} or more"
+        )
     n = manifest.n_items
     item_ids = _load_array(path / "item_ids.npy", np.int64, (n,))
     if item_ids[0] != -1 or (n > 2 and np.any(np.diff(item_ids[1:]) <= 0)):

@@ -97,7 +97,7 @@ def _genre_table(root: Path, layout: str) -> list[str]:
             header=None,
             names=["name", "index"],
             encoding="latin-1",
-            dtype={"name": str, "index": "Int64"},
+            dtype={"name": "str", "index": "Int64"},
         ).dropna()
         return ["(no genre)", *table.sort_values("index")["name"].tolist()]
     genres = _first_genres_raw(root, layout)[1]
@@ -314,7 +314,7 @@ def convert_taobao(
             "item_id": item,
             "category_id": category,
             "timestamp": ts,
-            "behavior": pd.Categorical.from_codes(behavior, categories=TAOBAO_BEHAVIORS),
+            "behavior": pd.Categorical.from_codes(behavior, categories=pd.Index(TAOBAO_BEHAVIORS)),
         }
     )
     impressions = pd.DataFrame(

@@ -127,7 +127,7 @@ def count_before(
     kind = np.concatenate([np.ones(n_e, np.int8), np.zeros(len(q_group), np.int8)])
     order = np.lexsort((kind, ts, group))
     is_event = order < n_e
-    before = np.cumsum(is_event) - is_event
+    before = np.cumsum(is_event, dtype=np.int64) - is_event
     out = np.empty(len(q_group), dtype=np.int64)
     out[order[~is_event] - n_e] = before[~is_event]
     return out

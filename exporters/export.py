@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import io
+import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,8 @@ import numpy as np
 import torch
 
 from exporters.bundle import write_bundle
-from exporters.models import FoundationModel, Stage2Graph, TwoStageRanker, UserEncoderGraph
+from exporters.models import FoundationModel, TwoStageRanker, UserEncoderGraph
+from exporters.stage2_graph import FM_INPUTS, INPUTS, OUTPUTS, Stage2Graph
 
 OPSET = 17
 
@@ -23,51 +25,71 @@ def _onnx_bytes(
     output_names: list[str],
     dynamic_axes: dict[str, dict[int, str]],
 ) -> bytes:
-    """Trace a module to ONNX in memory (weights embedded, so the file is self-contained)."""
+    """Trace a module to ONNX (weights embedded, so the file is self-contained) and return its bytes."""
     module.eval()
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
         # The TorchScript exporter is deprecated upstream but exact and fast for these graphs;
         # the dynamo exporter is used only where the TorchScript one is gone.
         warnings.simplefilter("ignore")
-        common = {
-            "input_names": input_names,
-            "output_names": output_names,
-            "dynamic_axes": dynamic_axes,
-            "opset_version": OPSET,
-        }
+        path = Path(tmp) / "model.onnx"
         try:
-            torch.onnx.export(module, args, buf, dynamo=False, **common)
+            torch.onnx.export(
+                module,
+                args,
+                path,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes=dynamic_axes,
+                opset_version=OPSET,
+                dynamo=False,
+            )
         except (TypeError, RuntimeError, NotImplementedError):
-            buf = io.BytesIO()
-            torch.onnx.export(module, args, buf, dynamo=True, external_data=False, **common)
-    return buf.getvalue()
+            path.unlink(missing_ok=True)
+            torch.onnx.export(
+                module,
+                args,
+                path,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes=dynamic_axes,
+                opset_version=OPSET,
+                dynamo=True,
+                external_data=False,
+            )
+        return path.read_bytes()
 
 
-def ranker_onnx(ranker: TwoStageRanker) -> bytes:
-    """Stage 2 of a ranker as ONNX: inputs [B, C] candidates and [B, C, K] behaviors."""
+def ranker_inputs(ranker: TwoStageRanker) -> list[str]:
+    """Input names of a ranker's stage-2 graph, in order."""
+    return [*INPUTS, *(FM_INPUTS if ranker.cfg.fm_dim else ())]
+
+
+def ranker_onnx(ranker: TwoStageRanker, graph: type[Stage2Graph] = Stage2Graph) -> bytes:
+    """Stage 2 of a ranker as ONNX (see `Stage2Graph`; benchmarks pass variants): B, C and U dynamic."""
     cfg = ranker.cfg
-    b, c, k = 2, 3, cfg.top_k
+    b, c, u, k = 2, 3, 5, cfg.top_k
     args: list[torch.Tensor] = [
-        torch.randint(0, cfg.n_items, (b, c)),
-        torch.randint(0, cfg.n_items, (b, c, k)),
-        torch.randint(0, cfg.n_time_buckets, (b, c, k)),
-        torch.ones(b, c, k),
+        torch.randint(0, cfg.n_items, (b, c)),  # candidates
+        torch.randint(0, cfg.n_items, (b, u)),  # behaviors
+        torch.randint(0, cfg.n_time_buckets, (b, u)),  # buckets
+        torch.randint(0, u, (b, c, k)),  # retrieved
+        torch.randn(b, c, k),  # scores
+        torch.ones(b, c, k),  # mask
     ]
-    names = ["candidates", "behaviors", "buckets", "mask"]
     axes: dict[str, dict[int, str]] = {
         "candidates": {0: "B", 1: "C"},
-        "behaviors": {0: "B", 1: "C"},
-        "buckets": {0: "B", 1: "C"},
+        "behaviors": {0: "B", 1: "U"},
+        "buckets": {0: "B", 1: "U"},
+        "retrieved": {0: "B", 1: "C"},
+        "scores": {0: "B", 1: "C"},
         "mask": {0: "B", 1: "C"},
         "probability": {0: "B", 1: "C"},
         "attention": {0: "B", 1: "C"},
     }
     if cfg.fm_dim:
         args += [torch.randn(b, cfg.fm_dim), torch.ones(b)]
-        names += ["fm", "fm_present"]
         axes |= {"fm": {0: "B"}, "fm_present": {0: "B"}}
-    return _onnx_bytes(Stage2Graph(ranker), tuple(args), names, ["probability", "attention"], axes)
+    return _onnx_bytes(graph(ranker), tuple(args), ranker_inputs(ranker), list(OUTPUTS), axes)
 
 
 def encoder_onnx(fm: FoundationModel) -> bytes:
@@ -87,15 +109,18 @@ def encoder_onnx(fm: FoundationModel) -> bytes:
     return _onnx_bytes(UserEncoderGraph(fm), args, ["behaviors", "buckets", "mask"], ["user_embedding"], axes)
 
 
-def _bytes_writer(data: bytes):
-    return lambda p: p.write_bytes(data)
+def _bytes_writer(data: bytes) -> Callable[[Path], None]:
+    def write(p: Path) -> None:
+        p.write_bytes(data)
+
+    return write
 
 
-def _npy_writer(arr: np.ndarray):
+def _npy_writer(arr: np.ndarray) -> Callable[[Path], None]:
     return lambda p: np.save(p, arr, allow_pickle=False)
 
 
-def _weights_writer(module: torch.nn.Module):
+def _weights_writer(module: torch.nn.Module) -> Callable[[Path], None]:
     """The PyTorch weights as a plain .npz (no pickle), for offline scoring and fine-tuning."""
 
     def write(p: Path) -> None:
@@ -106,7 +131,7 @@ def _weights_writer(module: torch.nn.Module):
     return write
 
 
-def _faiss_writer(vectors: np.ndarray):
+def _faiss_writer(vectors: np.ndarray) -> Callable[[Path], None]:
     def write(p: Path) -> None:
         import faiss
 
@@ -145,9 +170,8 @@ def export_ranker(
         "metrics": metrics,
         "onnx": {
             "opset": OPSET,
-            "inputs": ["candidates", "behaviors", "buckets", "mask"]
-            + (["fm", "fm_present"] if cfg.fm_dim else []),
-            "outputs": ["probability", "attention"],
+            "inputs": ranker_inputs(ranker),
+            "outputs": list(OUTPUTS),
         },
         "config": cfg.to_dict(),
         **extra,

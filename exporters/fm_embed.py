@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
@@ -95,9 +96,13 @@ def read_embeddings_file(path: Path) -> UserEmbeddings:
     if "fm_version" not in meta or "dim" not in meta:
         raise ValueError(f"{path}: not an FM embeddings file (no fm_version/dim metadata)")
     dim = int(meta["dim"])
-    flat = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    flat = pc.list_flatten(table.column("embedding")).to_numpy()
+    raw_ids = table.column("user_id").to_pylist()
+    user_ids = [u for u in raw_ids if isinstance(u, str)]
+    if len(user_ids) != len(raw_ids):
+        raise ValueError(f"{path}: user_id must be a string on every row")
     return UserEmbeddings(
-        table.column("user_id").to_pylist(),
+        user_ids,
         flat.astype(np.float32).reshape(-1, dim),
         meta["fm_version"],
         float(meta.get("written_at", 0)),

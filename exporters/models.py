@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ ModelKind = Literal["dare", "coupled", "fm"]
 
 # A finite "minus infinity": an all-padding row must give zero weights, not NaN.
 _MASKED = -1e9
+# Floats of one stage-1 chunk's [N, chunk, d] attention gather (16 MB): training over long
+# histories searches L positions in pieces of this size instead of materialising [N, L, d].
+SEARCH_CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass
@@ -49,7 +52,7 @@ class RankerConfig:
             # one shared table: the attention dimension is the representation dimension
             self.attention_dim = self.representation_dim
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -66,7 +69,7 @@ class FmConfig:
     n_time_buckets: int = N_TIME_BUCKETS
     kind: Literal["fm"] = field(default="fm")
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -86,6 +89,8 @@ def _embedding(n: int, dim: int, std: float) -> nn.Embedding:
 
 class TwoStageRanker(nn.Module):
     """DARE (separate attention and representation tables) or coupled (one shared table)."""
+
+    row_category: torch.Tensor  # buffer: category of each item row
 
     def __init__(self, cfg: RankerConfig, row_category: np.ndarray) -> None:
         super().__init__()
@@ -139,12 +144,38 @@ class TwoStageRanker(nn.Module):
         hist_rows: torch.Tensor,
         hist_buckets: torch.Tensor,
         hist_mask: torch.Tensor,
+        chunk: int | None = None,
     ) -> torch.Tensor:
-        """Stage 1: positions [N, k] of the top-k behaviors by attention (k = min(K, L))."""
-        logits = self.attention_logits(target_rows, hist_rows, hist_buckets)
-        logits = logits.masked_fill(~hist_mask, float("-inf"))
-        k = min(self.cfg.top_k, hist_rows.shape[1])
-        return torch.topk(logits, k, dim=1).indices
+        """Stage 1: positions [N, k] of the top-k behaviors by attention (k = min(K, L)), best first,
+        equal logits in position order.
+
+        Only indices leave it, so it runs without autograd (gradients reach the attention table
+        through stage 2's K behaviors). It walks the history in chunks of `chunk` positions (default:
+        about SEARCH_CHUNK_ELEMENTS floats of gather per chunk), merging each chunk into a running
+        top-k, so memory is bounded by the chunk and not by L; any chunk size gives the same result.
+        """
+        n, length = hist_rows.shape
+        k = min(self.cfg.top_k, length)
+        if chunk is None:
+            chunk = max(k, SEARCH_CHUNK_ELEMENTS // max(1, n * self.cfg.attention_dim))
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        device = hist_rows.device
+        with torch.no_grad():
+            best = torch.empty((n, 0), dtype=self.target_time.dtype, device=device)
+            best_pos = torch.empty((n, 0), dtype=torch.long, device=device)
+            for start in range(0, length, chunk):
+                cols = slice(start, min(start + chunk, length))
+                logits = self.attention_logits(target_rows, hist_rows[:, cols], hist_buckets[:, cols])
+                logits = logits.masked_fill(~hist_mask[:, cols], float("-inf"))
+                positions = torch.arange(cols.start, cols.stop, device=device).expand(n, -1)
+                # The running top-k holds only earlier positions, each part in position order: a stable
+                # sort of [running, chunk] keeps equal logits in position order, as one sort of all L does.
+                values = torch.cat([best, logits], dim=1)
+                order = torch.sort(values, dim=1, descending=True, stable=True).indices[:, :k]
+                best = values.gather(1, order)
+                best_pos = torch.cat([best_pos, positions], dim=1).gather(1, order)
+        return best_pos
 
     # -- stage 2 -------------------------------------------------------------------------------
     def stage2(
@@ -204,45 +235,14 @@ class TwoStageRanker(nn.Module):
             return self.attention_vectors(rows).float().numpy().astype(np.float32)
 
 
-class Stage2Graph(nn.Module):
-    """The exported stage 2: [batch, candidates] targets with their K retrieved behaviors each."""
-
-    def __init__(self, ranker: TwoStageRanker) -> None:
-        super().__init__()
-        self.ranker = ranker
-
-    def forward(
-        self,
-        candidates: torch.Tensor,
-        behaviors: torch.Tensor,
-        buckets: torch.Tensor,
-        mask: torch.Tensor,
-        *fm_inputs: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        b, c = candidates.shape
-        k = behaviors.shape[2]
-        fm = fm_present = None
-        if fm_inputs:
-            fm_b, present_b = fm_inputs
-            fm = fm_b.unsqueeze(1).expand(b, c, fm_b.shape[1]).reshape(b * c, fm_b.shape[1])
-            fm_present = present_b.unsqueeze(1).expand(b, c).reshape(b * c)
-        logit, weights = self.ranker.stage2(
-            candidates.reshape(b * c),
-            behaviors.reshape(b * c, k),
-            buckets.reshape(b * c, k),
-            mask.reshape(b * c, k),
-            fm,
-            fm_present,
-        )
-        return torch.sigmoid(logit).reshape(b, c), weights.reshape(b, c, k)
-
-
 class FoundationModel(nn.Module):
     """A larger CTR model over the full sequence; its user tower output is the cached FM embedding.
 
     The user tower is target-independent (learned-query attention pooling), so the embedding can be
     computed offline for every user and read at serving time without running the FM online.
     """
+
+    row_category: torch.Tensor  # buffer: category of each item row
 
     def __init__(self, cfg: FmConfig, row_category: np.ndarray) -> None:
         super().__init__()

@@ -20,7 +20,7 @@ def load_torch_model(path: Path | str) -> TwoStageRanker | FoundationModel:
     if "weights.npz" not in manifest.files:
         raise BundleError(f"{path}: bundle has no weights.npz")
     cats = np.load(path / "item_categories.npy", allow_pickle=False)
-    config = dict(manifest.model_extra.get("config", {}))
+    config = dict((manifest.model_extra or {}).get("config", {}))
     config["mlp"] = tuple(config.get("mlp", ()))
     model: TwoStageRanker | FoundationModel
     if manifest.model == "fm":
@@ -45,8 +45,8 @@ def score_offline(
 ) -> np.ndarray:
     """Click probabilities of raw candidate ids for one user state, both stages in PyTorch.
 
-    `history_*` are the user's behaviors oldest first (only the most recent `max_seq_len` should be
-    passed, as the service does); `fm` is the FM embedding, or None when it is missing.
+    `history_*` are the user's behaviors oldest first (those the service reads: the newest stored, up
+    to its search depth); `fm` is the FM embedding, or None when it is missing.
     """
     c = len(candidates)
     hist_rows = item_rows(item_ids, history_items)

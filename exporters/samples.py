@@ -275,7 +275,7 @@ def related_positions(
     kind = np.concatenate([np.ones(n_e, np.int8), np.zeros(len(rel), np.int8)])
     order = np.lexsort((kind, keys[2], keys[1], keys[0]))
     is_event = order < n_e
-    before = np.cumsum(is_event) - is_event
+    before = np.cumsum(is_event, dtype=np.int64) - is_event
     pos = np.empty(len(rel), np.int64)
     pos[order[~is_event] - n_e] = before[~is_event]
     pos_c = np.minimum(pos, max(n_e - 1, 0))

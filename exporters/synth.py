@@ -1,10 +1,12 @@
 """Synthetic long-sequence data with hidden item themes, a known click model and the related-behavior truth.
 
-The world: zipfian items in uneven categories; inside each category a few hidden *themes* (item clusters
-that appear in no column). Users follow 2-4 themes whose weights drift over their timeline, plus category
-browsing and popularity noise. An impression is clicked with a probability that grows with the
-recency-weighted number of earlier behaviors in the target's theme, so a model has to find those few
-behaviors in a long history (stage 1) and weigh them (stage 2). docs/datasets.md has the details.
+The world: zipfian items in uneven categories and hidden *themes* (item clusters that appear in no column):
+by default a few themes inside each category ("nested"), or themes drawn independently of the category
+("independent"), where the category no longer reveals which behaviors are related. Users follow 2-4
+themes whose weights drift over their timeline, plus category browsing and popularity noise. An
+impression is clicked with a probability that grows with the recency-weighted number of earlier
+behaviors in the target's theme, so a model has to find those few behaviors in a long history
+(stage 1) and weigh them (stage 2). docs/datasets.md has the details.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -20,6 +22,8 @@ import pandas as pd
 from exporters.dataset import count_before, write_dataset
 
 DAY = 86_400
+ThemeLayout = Literal["nested", "independent"]
+THEME_LAYOUTS: tuple[ThemeLayout, ...] = ("nested", "independent")
 
 
 @dataclass(frozen=True)
@@ -29,7 +33,10 @@ class SynthConfig:
     users: int = 2000
     items: int = 20000
     categories: int = 100
+    # themes = categories * themes_per_category, in both layouts
     themes_per_category: int = 4
+    # nested: each theme lies inside one category; independent: items get a theme regardless of category
+    theme_layout: ThemeLayout = "nested"
     max_seq_len: int = 2000
     min_seq_len: int = 20
     impressions_per_user: float = 24.0
@@ -56,6 +63,11 @@ class SynthConfig:
     half_life_days: float = 30.0
     # an old related behavior still counts this much (lifelong interest), a fresh one counts 1
     recency_floor: float = 0.2
+    # dormant lifelong interests: this share of users has one interest that shows in their events
+    # only in the first `dormant_until` of their timeline, yet keeps drawing impression targets to the
+    # end; late in a long history its related behaviors lie older than a training window
+    dormant_share: float = 0.0
+    dormant_until: float = 0.3
 
     def validate(self) -> None:
         """Raises ValueError naming the first impossible setting."""
@@ -63,6 +75,10 @@ class SynthConfig:
             (self.users >= 1, "users must be >= 1"),
             (self.categories >= 1, "categories must be >= 1"),
             (self.themes_per_category >= 2, "themes_per_category must be >= 2"),
+            (
+                self.theme_layout in THEME_LAYOUTS,
+                f"theme_layout must be one of {', '.join(THEME_LAYOUTS)}",
+            ),
             (
                 self.items >= self.categories * self.themes_per_category,
                 "items must be >= categories * themes_per_category",
@@ -89,6 +105,8 @@ class SynthConfig:
             ),
             (self.days >= 1, "days must be >= 1"),
             (self.half_life_days > 0, "half_life_days must be > 0"),
+            (0 <= self.dormant_share <= 1, "dormant_share must lie in [0, 1]"),
+            (0 < self.dormant_until < 1, "dormant_until must lie in (0, 1)"),
             (self.seed >= 0, "seed must be >= 0"),
         ]
         for ok, message in checks:
@@ -97,24 +115,51 @@ class SynthConfig:
 
 
 @dataclass(frozen=True)
+class _Groups:
+    """Item indices grouped by a label (theme or category), each group sampled by within-group weight."""
+
+    members: np.ndarray  # item indices grouped by label
+    cum: np.ndarray  # cumulative within-group weights along members
+    start: np.ndarray  # per label, its slice of members
+    end: np.ndarray
+
+    @classmethod
+    def build(cls, label: np.ndarray, n_labels: int, weight: np.ndarray) -> _Groups:
+        members = np.argsort(label, kind="stable")
+        counts = np.bincount(label, minlength=n_labels)
+        end = np.cumsum(counts)
+        return cls(members=members, cum=np.cumsum(weight[members]), start=end - counts, end=end)
+
+    def sample(self, labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """One item index per requested label, by within-group weight (labels must have members)."""
+        start, end = self.start[labels], self.end[labels]
+        lo = np.where(start > 0, self.cum[np.maximum(start - 1, 0)], 0.0)
+        hi = self.cum[end - 1]
+        pos = np.searchsorted(self.cum, lo + rng.random(len(labels)) * (hi - lo), side="right")
+        return self.members[np.clip(pos, start, end - 1)]
+
+
+@dataclass(frozen=True)
 class _Catalog:
     item_ids: np.ndarray  # raw id per item index
     category: np.ndarray  # 1..C per item index
-    theme: np.ndarray  # hidden theme per item index, 0..T-1; theme // K + 1 == category
+    theme: np.ndarray  # hidden theme per item index, 0..T-1; nested layout: theme // K + 1 == category
     popularity: np.ndarray  # zipf weight per item index
-    by_theme: np.ndarray  # item indices grouped by theme
-    theme_cum: np.ndarray  # cumulative within-theme weights along by_theme
-    theme_start: np.ndarray  # per theme, its slice of by_theme
-    theme_end: np.ndarray
+    themes: _Groups  # by theme, weighted by popularity ** theme_popularity_power
+    categories: _Groups  # by category - 1, same weights
     pop_cum: np.ndarray  # cumulative popularity over item indices
+
+    @property
+    def n_themes(self) -> int:
+        return len(self.themes.start)
 
     def sample_in_theme(self, themes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """One item index per requested theme, by within-theme popularity."""
-        start, end = self.theme_start[themes], self.theme_end[themes]
-        lo = np.where(start > 0, self.theme_cum[np.maximum(start - 1, 0)], 0.0)
-        hi = self.theme_cum[end - 1]
-        pos = np.searchsorted(self.theme_cum, lo + rng.random(len(themes)) * (hi - lo), side="right")
-        return self.by_theme[np.clip(pos, start, end - 1)]
+        return self.themes.sample(themes, rng)
+
+    def sample_in_category(self, categories: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """One item index per requested category (1..C), by within-category popularity."""
+        return self.categories.sample(categories - 1, rng)
 
     def sample_popular(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """Item indices drawn by global popularity."""
@@ -130,11 +175,22 @@ class _Users:
     center: np.ndarray  # (U, M) where on the timeline (0..1) each interest peaks
     width: np.ndarray  # (U, M)
     bias: np.ndarray  # (U,) click propensity
+    dormant: np.ndarray  # (U,) bool: interest slot 0 is dormant after `dormant_until`
+    dormant_until: float
 
-    def pick(self, user: np.ndarray, pos: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """An interest theme per (user, relative position), by the drifting interest weights."""
+    def pick(
+        self, user: np.ndarray, pos: np.ndarray, rng: np.random.Generator, target: bool = False
+    ) -> np.ndarray:
+        """An interest theme per (user, relative position), by the drifting interest weights; for an
+        impression `target`, a dormant interest keeps a constant weight instead of falling silent."""
         z = (pos[:, None] - self.center[user]) / self.width[user]
         w = self.weight[user] * (0.25 + np.exp(-0.5 * z * z))
+        if self.dormant.any():
+            dormant = self.dormant[user]
+            if target:
+                w[dormant, 0] = 1.25 * self.weight[user[dormant], 0]
+            else:
+                w[dormant & (pos >= self.dormant_until), 0] = 0.0
         cum = np.cumsum(w, axis=1)
         slot = (cum < rng.random(len(user))[:, None] * cum[:, -1:]).sum(axis=1)
         return self.interests[user, np.minimum(slot, w.shape[1] - 1)]
@@ -152,19 +208,20 @@ def _catalog(cfg: SynthConfig, rng: np.random.Generator) -> _Catalog:
     category = np.empty(n, np.int64)
     theme = np.empty(n, np.int64)
     category[order] = slot_cat + 1
-    theme[order] = slot_cat * k + slot_in_cat % k
-    by_theme = np.argsort(theme, kind="stable")
-    counts = np.bincount(theme, minlength=c * k)
-    theme_end = np.cumsum(counts)
+    if cfg.theme_layout == "nested":
+        theme[order] = slot_cat * k + slot_in_cat % k
+    else:
+        # equal-sized themes over a fresh shuffle: a theme's items fall into categories in proportion to
+        # their sizes, so most themes span many categories and the category says little about the theme
+        theme[rng.permutation(n)] = np.arange(n) % (c * k)
+    weight = popularity**cfg.theme_popularity_power
     return _Catalog(
         item_ids=item_ids,
         category=category,
         theme=theme,
         popularity=popularity,
-        by_theme=by_theme,
-        theme_cum=np.cumsum(popularity[by_theme] ** cfg.theme_popularity_power),
-        theme_start=theme_end - counts,
-        theme_end=theme_end,
+        themes=_Groups.build(theme, c * k, weight),
+        categories=_Groups.build(category - 1, c, weight),
         pop_cum=np.cumsum(popularity),
     )
 
@@ -183,7 +240,7 @@ def _users(cfg: SynthConfig, cat: _Catalog, rng: np.random.Generator) -> _Users:
     length = np.clip(np.rint(rng.lognormal(math.log(median), sigma, u)), lo, hi).astype(np.int64)
     n_interests = rng.integers(cfg.interests_min, cfg.interests_max + 1, size=u)
     # popular themes attract more fans, damped so the tail still has followers
-    theme_mass = np.bincount(cat.theme, weights=cat.popularity, minlength=len(cat.theme_start))
+    theme_mass = np.bincount(cat.theme, weights=cat.popularity, minlength=cat.n_themes)
     theme_cum = np.cumsum(np.sqrt(theme_mass))
     interests = np.searchsorted(theme_cum, rng.random((u, m)) * theme_cum[-1], side="right")
     interests = np.minimum(interests, len(theme_cum) - 1)
@@ -197,13 +254,23 @@ def _users(cfg: SynthConfig, cat: _Catalog, rng: np.random.Generator) -> _Users:
     active = np.arange(m)[None, :] < n_interests[:, None]
     weight = rng.gamma(2.0, 1.0, (u, m)) * active
     weight /= weight.sum(axis=1, keepdims=True)
+    center = rng.uniform(-0.2, 1.2, (u, m))
+    width = rng.uniform(0.25, 1.0, (u, m))
+    bias = rng.normal(0.0, cfg.user_bias_std, u)
+    # drawn only when asked for, so the default world stays bit-for-bit what it was
+    dormant = rng.random(u) < cfg.dormant_share if cfg.dormant_share > 0 else np.zeros(u, bool)
+    # a dormant interest peaks inside its active early part
+    center[dormant, 0] = cfg.dormant_until / 2
+    width[dormant, 0] = cfg.dormant_until / 2
     return _Users(
         length=length,
         interests=interests,
         weight=weight,
-        center=rng.uniform(-0.2, 1.2, (u, m)),
-        width=rng.uniform(0.25, 1.0, (u, m)),
-        bias=rng.normal(0.0, cfg.user_bias_std, u),
+        center=center,
+        width=width,
+        bias=bias,
+        dormant=dormant,
+        dormant_until=cfg.dormant_until,
     )
 
 
@@ -257,9 +324,15 @@ def _events(
     guided = np.flatnonzero(from_interest | from_category)
     themes = users.pick(ev_user[guided], ev_pos[guided], rng)
     browse = from_category[guided]
-    # category browsing: same category as the interest, any of its themes
-    themes[browse] = (themes[browse] // k) * k + rng.integers(0, k, int(browse.sum()))
-    ev_item[guided] = cat.sample_in_theme(themes, rng)
+    if cfg.theme_layout == "nested":
+        # category browsing: same category as the interest, any of its themes
+        themes[browse] = (themes[browse] // k) * k + rng.integers(0, k, int(browse.sum()))
+        ev_item[guided] = cat.sample_in_theme(themes, rng)
+    else:
+        # category browsing: the category of one of the interest's items, any theme
+        items = cat.sample_in_theme(themes, rng)
+        items[browse] = cat.sample_in_category(cat.category[items[browse]], rng)
+        ev_item[guided] = items
     return ev_user, ev_item, _timestamps(cfg, users, rng)
 
 
@@ -283,15 +356,35 @@ def _impressions(
     kind = rng.random(len(user))
     item = cat.sample_popular(len(user), rng)
     guided = np.flatnonzero(kind < cfg.target_interest_share + cfg.target_hard_share)
-    themes = users.pick(user[guided], n_hist[guided] / length[user[guided]], rng)
+    themes = users.pick(user[guided], n_hist[guided] / length[user[guided]], rng, target=True)
     hard = kind[guided] >= cfg.target_interest_share
-    # hard negatives: another theme of the same category, so the category alone cannot tell them apart
-    offset = rng.integers(1, k, int(hard.sum()))
-    themes[hard] = (themes[hard] // k) * k + (themes[hard] % k + offset) % k
-    item[guided] = cat.sample_in_theme(themes, rng)
+    if cfg.theme_layout == "nested":
+        # hard negatives: another theme of the same category, so the category alone cannot tell them apart
+        offset = rng.integers(1, k, int(hard.sum()))
+        themes[hard] = (themes[hard] // k) * k + (themes[hard] % k + offset) % k
+        item[guided] = cat.sample_in_theme(themes, rng)
+    else:
+        item[guided] = _hard_negatives(cat, themes, hard, rng)
     noise = rng.random(len(user))
     order = np.lexsort((cat.item_ids[item], ts, user))
     return _Impressions(user=user[order], item=item[order], ts=ts[order], noise=noise[order])
+
+
+def _hard_negatives(
+    cat: _Catalog, themes: np.ndarray, hard: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """Independent layout: an item of each interest theme, except that for `hard` rows it is replaced by
+    an item of the same category in another theme (the category of the interest's items, not its theme)."""
+    items = cat.sample_in_theme(themes, rng)
+    rows = np.flatnonzero(hard)
+    for _ in range(
+        8
+    ):  # redraw the few that land in the interest theme again; a category of one theme keeps it
+        if len(rows) == 0:
+            break
+        items[rows] = cat.sample_in_category(cat.category[items[rows]], rng)
+        rows = rows[cat.theme[items[rows]] == themes[rows]]
+    return items
 
 
 def _related(
@@ -304,7 +397,7 @@ def _related(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Truly related events (strictly earlier, the target's hidden theme): (impression, event) index pairs
     and the recency-weighted count per impression."""
-    n_themes = cfg.categories * cfg.themes_per_category
+    n_themes = cat.n_themes
     ev_group = ev_user * n_themes + cat.theme[ev_item]
     by_group = np.argsort(ev_group, kind="stable")  # within a user events are already in time order
     g_sorted = ev_group[by_group]

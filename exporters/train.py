@@ -14,6 +14,7 @@ import dataclasses
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,8 +27,10 @@ from exporters.bundle import Bundle, item_rows, load_bundle
 from exporters.dataset import Dataset, read_dataset
 from exporters.export import export_fm, export_ranker
 from exporters.features import time_buckets
+from exporters.item_vectors import ItemVectors, category_table, learn_item_vectors, visible_events
 from exporters.metrics import auc, gauc, logloss
 from exporters.models import FmConfig, FoundationModel, RankerConfig, TwoStageRanker
+from exporters.retrieval import MiTable, csr_take, mi_ndcg, planted_metrics
 from exporters.samples import ItemVocab, Samples, build_samples, gather_histories, related_positions
 
 TRAIN, VALID, TEST = 0, 1, 2
@@ -58,6 +61,19 @@ class TrainConfig:
     patience: int = 2
     max_train_samples: int | None = None
     progress: bool = True
+    # self-supervised item vectors from the event stream initialise the embedding tables
+    pretrain: bool = True
+    item_vectors: Path | None = None  # reuse a `dare-serve pretrain` file instead of learning one
+    pretrain_dim: int = 64
+    pretrain_window: int = 20
+    attention_init_norm: float = 1.0
+    representation_init_norm: float = 1.0
+    # auxiliary in-batch contrastive loss that keeps the attention table arranged by co-occurrence
+    aux_weight: float = 0.1
+    aux_window: int = 20
+    aux_anchors: int = 2
+    # only to reproduce older trainings in ablations: L2 on the embedding tables too
+    decay_embeddings: bool = False
 
 
 @dataclass
@@ -167,17 +183,12 @@ def evaluate(labels: np.ndarray, probs: np.ndarray, users: np.ndarray) -> dict[s
     return {"auc": auc(labels, probs), "gauc": gauc(users, labels, probs), "logloss": logloss(labels, probs)}
 
 
-def retrieval_quality(
-    ranker: TwoStageRanker,
-    s: Samples,
-    idx: np.ndarray,
-    related: tuple[np.ndarray, np.ndarray],
-    batch_size: int,
-) -> dict[str, float]:
-    """Share of stage-1 top-K behaviors that are truly related, against the share in the history."""
-    indptr, rel_pos = related
+def stage1_topk(ranker: TwoStageRanker, s: Samples, idx: np.ndarray, batch_size: int) -> np.ndarray:
+    """[len(idx), K] stage-1 history indices (oldest behavior = 0) of impressions idx, best first;
+    -1 where a history has fewer than K behaviors."""
     k = ranker.cfg.top_k
-    prec, base, recall, prec_long, base_long = [], [], [], [], []
+    out = np.full((len(idx), k), -1, dtype=np.int64)
+    where = {int(v): j for j, v in enumerate(idx)}
     ranker.eval()
     with torch.no_grad():
         for bidx in length_batches(s, idx, batch_size, None):
@@ -188,33 +199,137 @@ def retrieval_quality(
                 torch.from_numpy(buckets),
                 torch.from_numpy(mask),
             ).numpy()
-            for j, i in enumerate(bidx):
-                n_hist = int(s.hist_end[i] - s.hist_start[i])
-                if n_hist == 0:
-                    continue
-                rel = rel_pos[indptr[i] : indptr[i + 1]]
-                rel = rel[(rel >= s.hist_start[i]) & (rel < s.hist_end[i])]
-                chosen = start[j] + top[j][: min(k, n_hist)]
-                hits = np.isin(chosen, rel).sum()
-                p, b = hits / len(chosen), len(rel) / n_hist
-                prec.append(p)
-                base.append(b)
-                if len(rel):
-                    recall.append(hits / min(len(rel), len(chosen)))
-                if n_hist > k:
-                    prec_long.append(p)
-                    base_long.append(b)
-    mean = lambda v: float(np.mean(v)) if v else float("nan")  # noqa: E731
-    return {
-        "precision_at_k": mean(prec),
-        "base_rate": mean(base),
-        "recall_at_k": mean(recall),
-        "precision_at_k_long": mean(prec_long),
-        "base_rate_long": mean(base_long),
-        "lift_long": mean(prec_long) / mean(base_long) if base_long and mean(base_long) > 0 else float("nan"),
-        "n_long": len(prec_long),
-        "k": k,
+            # positions into the padded window -> history indices; padding stays out of range
+            n_hist = s.hist_end[bidx] - s.hist_start[bidx]
+            hist_index = top + (start - s.hist_start[bidx])[:, None]
+            hist_index = np.where(top < (n_hist - (start - s.hist_start[bidx]))[:, None], hist_index, -1)
+            out[[where[int(v)] for v in bidx], : top.shape[1]] = hist_index
+    return out
+
+
+def retrieval_report(
+    ranker: TwoStageRanker,
+    s: Samples,
+    vocab: ItemVocab,
+    train_idx: np.ndarray,
+    test_idx: np.ndarray,
+    related: tuple[np.ndarray, np.ndarray] | None,
+    batch_size: int,
+) -> dict[str, Any]:
+    """Stage-1 retrieval quality on the test split: against the planted truth when the dataset has it,
+    and on any dataset the DARE paper's mutual-information ground truth (docs/retrieval.md)."""
+    k = ranker.cfg.top_k
+    top = stage1_topk(ranker, s, test_idx, batch_size)
+    hist_len = s.hist_end[test_idx] - s.hist_start[test_idx]
+    report: dict[str, Any] = {}
+    if related is not None:
+        ip, pos = csr_take(*related, test_idx, offsets=s.hist_start[test_idx])
+        report["planted"] = planted_metrics(hist_len, top, ip, pos, k)
+    ev_cat = vocab.row_category[s.event_rows]
+    tgt_cat = vocab.row_category[s.target_row]
+    table = MiTable.fit(
+        tgt_cat[train_idx], s.label[train_idx], ev_cat, s.hist_start[train_idx], s.hist_end[train_idx]
+    )
+    report["mi_ndcg"] = {
+        **mi_ndcg(table, tgt_cat[test_idx], ev_cat, s.hist_start[test_idx], s.hist_end[test_idx], top, k),
+        **table.summary(),
     }
+    return report
+
+
+def samples_vectors(s: Samples, vocab: ItemVocab, dim: int, window: int, seed: int) -> ItemVectors:
+    """Item vectors from the events a training run may see: per user, those before its first
+    validation or test impression."""
+    visible = visible_events(s.event_user, s.event_ts, s.user_index, s.target_ts, s.split != TRAIN)
+    raw = vocab.item_ids[s.event_rows]
+    return learn_item_vectors(s.event_user[visible], raw[visible], dim, window, seed)
+
+
+def learn_dataset_vectors(data: Path, dim: int, window: int, seed: int) -> ItemVectors:
+    """`dare-serve pretrain`: the item vectors `train` would learn for this dataset."""
+    ds = read_dataset(data)
+    vocab = ItemVocab.from_dataset(ds)
+    return samples_vectors(build_samples(ds, vocab, 1), vocab, dim, window, seed)
+
+
+def item_vectors_for(cfg: TrainConfig, s: Samples, vocab: ItemVocab) -> ItemVectors | None:
+    """The self-supervised item vectors this run starts from: a given file, freshly learned, or none."""
+    if cfg.item_vectors is not None:
+        return ItemVectors.load(cfg.item_vectors)
+    if not cfg.pretrain:
+        return None
+    dim = max(cfg.pretrain_dim, cfg.attention_dim, cfg.representation_dim, cfg.fm_hidden)
+    return samples_vectors(s, vocab, dim, cfg.pretrain_window, cfg.seed)
+
+
+def _copy_rows(emb: torch.nn.Embedding, table: np.ndarray) -> None:
+    """Rows of `table` that hold a vector replace the random init; the others keep it."""
+    has = np.flatnonzero(np.linalg.norm(table, axis=1) > 0)
+    with torch.no_grad():
+        emb.weight[torch.from_numpy(has)] = torch.from_numpy(table[has])
+
+
+def init_embeddings(model: torch.nn.Module, vectors: ItemVectors, vocab: ItemVocab, cfg: TrainConfig) -> None:
+    """Item and category tables from the self-supervised vectors (time tables keep their init)."""
+    ids, cats, n_cat = vocab.item_ids, vocab.row_category, vocab.n_categories
+
+    def fill(item: torch.nn.Embedding, cat: torch.nn.Embedding, norm: float) -> None:
+        table = vectors.table(ids, item.embedding_dim, norm)
+        _copy_rows(item, table)
+        _copy_rows(cat, category_table(table, cats, n_cat))
+
+    if isinstance(model, FoundationModel):
+        fill(model.item, model.cat, cfg.representation_init_norm)
+        return
+    assert isinstance(model, TwoStageRanker)
+    if model.cfg.kind == "dare":
+        fill(model.attn_item, model.attn_cat, cfg.attention_init_norm)
+        fill(model.repr_item, model.repr_cat, cfg.representation_init_norm)
+    else:
+        # one table searches and represents; the search decides what stage 2 ever sees
+        fill(model.repr_item, model.repr_cat, cfg.attention_init_norm)
+
+
+def optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam with L2 on dense weights only: decaying the sparse embedding rows would shrink rarely
+    updated items towards zero and leave stage 1 ranking by the time bias alone."""
+    if cfg.decay_embeddings:
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    params = list(model.parameters())
+    sparse = [p for p in params if id(p) in embedding_ids]
+    dense = [p for p in params if id(p) not in embedding_ids]
+    return torch.optim.Adam(
+        [{"params": dense, "weight_decay": cfg.weight_decay}, {"params": sparse, "weight_decay": 0.0}],
+        lr=cfg.lr,
+    )
+
+
+def cooccurrence_loss(
+    model: TwoStageRanker, batch: Batch, window: int, anchors: int, rng: np.random.Generator
+) -> torch.Tensor:
+    """In-batch contrastive loss on the attention table: a behavior must pick, among the batch's
+    sampled neighbours, the one that follows it within `window` positions in its own history.
+
+    It is the self-supervised objective of the item vectors, kept up during ranker training, so that
+    the attention table keeps arranging items by what goes together instead of drifting under the
+    weak click gradient; scored exactly as stage 1 scores (scaled inner product).
+    """
+    lengths = batch.hist_mask.sum(1).numpy()
+    keep = np.flatnonzero(lengths >= 2)
+    if len(keep) < 2:
+        return torch.zeros(())
+    n = len(lengths[keep])
+    anchor = 1 + (rng.random((len(keep), anchors)) * (lengths[keep, None] - 1)).astype(np.int64)
+    near = np.maximum(anchor - 1 - (rng.random((len(keep), anchors)) * window).astype(np.int64), 0)
+    rows = batch.hist_rows[torch.from_numpy(keep)]
+    a_rows = rows.gather(1, torch.from_numpy(anchor)).reshape(-1)
+    p_rows = rows.gather(1, torch.from_numpy(near)).reshape(-1)
+    logits = (model.attention_vectors(a_rows) @ model.attention_vectors(p_rows).T) * model.scale
+    # the same item elsewhere in the batch is not a negative
+    same = (p_rows[None, :] == p_rows[:, None]) & ~torch.eye(n * anchors, dtype=torch.bool)
+    logits = logits.masked_fill(same, float("-inf"))
+    return torch.nn.functional.cross_entropy(logits, torch.arange(n * anchors))
 
 
 def _predict(
@@ -297,7 +412,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         )
         model = TwoStageRanker(rcfg, vocab.row_category)
 
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    vectors = item_vectors_for(cfg, s, vocab)
+    if vectors is not None:
+        init_embeddings(model, vectors, vocab, cfg)
+        log(f"embedding tables initialised from {vectors.dim}-d item vectors of {vectors.n_events} events")
+    opt = optimizer(model, cfg)
+    aux = cfg.aux_weight > 0 and isinstance(model, TwoStageRanker)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     best_auc, best_state, best_epoch, stale = -1.0, None, 0, 0
     history = []
@@ -322,6 +442,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 present[bidx] = (rng.random(len(bidx)) >= cfg.fm_dropout).astype(np.float32)
             batch = make_batch(s, bidx, fm_arr, present)
             loss = loss_fn(_forward(model, batch), batch.label)
+            if aux:
+                assert isinstance(model, TwoStageRanker)
+                loss = loss + cfg.aux_weight * cooccurrence_loss(
+                    model, batch, cfg.aux_window, cfg.aux_anchors, rng
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -355,9 +480,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     a, b = _fit_logistic(pop[train_idx], s.label[train_idx].astype(np.float64))
     pop_probs = 1 / (1 + np.exp(-(a + b * pop[test_idx])))
     metrics["popularity"] = evaluate(s.label[test_idx], pop_probs, users)
-    related = related_positions(ds, s, vocab)
-    if related is not None and isinstance(model, TwoStageRanker):
-        metrics["retrieval"] = retrieval_quality(model, s, test_idx, related, cfg.batch_size * 2)
+    if isinstance(model, TwoStageRanker):
+        related = related_positions(ds, s, vocab)
+        metrics["retrieval"] = retrieval_report(
+            model, s, vocab, train_idx, test_idx, related, cfg.batch_size * 2
+        )
 
     metrics = nan_to_none(metrics)
     variant = cfg.variant or cfg.model
@@ -401,7 +528,7 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
 
 
-def _logger(enabled: bool):
+def _logger(enabled: bool) -> Callable[[str], None]:
     def log(msg: str) -> None:
         if enabled:
             tqdm.write(msg, file=sys.stderr)

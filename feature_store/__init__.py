@@ -4,7 +4,7 @@ The service uses `open_feature_store(...)` and the types below; bulk loading liv
 `feature_store.ingest` (it needs pandas). The key layout is in docs/feature-store.md.
 """
 
-from feature_store.base import FeatureStore, FmLookup, FmStatus, Sequence, StoreStats, UserFeatures
+from feature_store.base import FeatureStore, FmLookup, FmStatus, StoreStats, UserFeatures, UserSequence
 from feature_store.errors import (
     CorruptFeatureData,
     FeatureStoreError,
@@ -25,8 +25,8 @@ __all__ = [
     "InMemoryFeatureStore",
     "InvalidFeatureData",
     "RedisFeatureStore",
-    "Sequence",
     "StoreStats",
     "UserFeatures",
+    "UserSequence",
     "open_feature_store",
 ]

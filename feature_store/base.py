@@ -18,10 +18,13 @@ from feature_store.errors import CorruptFeatureData, InvalidFeatureData
 logger = logging.getLogger("dare.feature_store")
 
 DEFAULT_MAX_LEN = 10_000
+# The largest per-user cap a store accepts: 12 MB of records per user, one GET per read. Lifelong
+# histories of 100,000 events (1.2 MB) are well inside it.
+MAX_LEN_LIMIT = 1_000_000
 
 
 @dataclass(frozen=True, slots=True, eq=False)
-class Sequence:
+class UserSequence:
     """One user's behaviors ordered by timestamp, oldest first (int64 item ids, int64 seconds)."""
 
     items: np.ndarray
@@ -31,7 +34,7 @@ class Sequence:
         return int(self.items.shape[0])
 
     @classmethod
-    def empty(cls) -> Sequence:
+    def empty(cls) -> UserSequence:
         """A sequence without events (an unknown user)."""
         return cls(np.empty(0, np.int64), np.empty(0, np.int64))
 
@@ -62,7 +65,7 @@ class UserFeatures:
     """Everything the ranker reads about one user."""
 
     user_id: str
-    sequence: Sequence
+    sequence: UserSequence
     fm: FmLookup
 
 
@@ -79,8 +82,8 @@ class FeatureStore(abc.ABC):
     """Async store of behavior sequences and FM embeddings; Redis and in-memory behave identically."""
 
     def __init__(self, *, max_len: int = DEFAULT_MAX_LEN, fm_ttl_s: float | None = None) -> None:
-        if max_len <= 0:
-            raise ValueError(f"max_len must be positive, got {max_len}")
+        if not 0 < max_len <= MAX_LEN_LIMIT:
+            raise ValueError(f"max_len must lie in [1, {MAX_LEN_LIMIT:,}], got {max_len}")
         if fm_ttl_s is not None and fm_ttl_s <= 0:
             raise ValueError(f"fm_ttl_s must be positive or None, got {fm_ttl_s}")
         self.max_len = max_len
@@ -94,7 +97,7 @@ class FeatureStore(abc.ABC):
         """Sequences and FM embeddings of many users in one round trip (on corruption: CorruptFeatureData)."""
 
     @abc.abstractmethod
-    async def read_sequence(self, user_id: str, max_len: int | None = None) -> Sequence:
+    async def read_sequence(self, user_id: str, max_len: int | None = None) -> UserSequence:
         """The newest `max_len` events of one user (empty for an unknown user)."""
 
     @abc.abstractmethod
@@ -102,7 +105,7 @@ class FeatureStore(abc.ABC):
         """Atomically append events, keep the newest `max_len`; returns the new length."""
 
     @abc.abstractmethod
-    async def replace_sequences(self, sequences: Mapping[str, Sequence]) -> None:
+    async def replace_sequences(self, sequences: Mapping[str, UserSequence]) -> None:
         """Set whole sequences (sorted by timestamp, capped), replacing what was stored."""
 
     @abc.abstractmethod
@@ -142,7 +145,7 @@ class FeatureStore(abc.ABC):
             raise ValueError(f"max_len must be >= 0, got {max_len}")
         return min(max_len, self.max_len)
 
-    def _encode_replacement(self, sequence: Sequence) -> bytes:
+    def _encode_replacement(self, sequence: UserSequence) -> bytes:
         """Records of a whole sequence: stably sorted by timestamp, the newest `max_len` kept."""
         items = np.asarray(sequence.items)
         timestamps = np.asarray(sequence.timestamps)
@@ -177,14 +180,14 @@ class FeatureStore(abc.ABC):
         logger.warning(message)
         return message
 
-    def _decode_sequence(self, user_id: str, tail: bytes, total_bytes: int) -> Sequence:
+    def _decode_sequence(self, user_id: str, tail: bytes, total_bytes: int) -> UserSequence:
         try:
             codec.check_sequence_length(total_bytes)
             items, timestamps = codec.decode_events(tail)
         except codec.CodecError as exc:
             message = self._corrupt(user_id, "sequence", exc)
             raise CorruptFeatureData(message, user_ids=[user_id]) from exc
-        return Sequence(items, timestamps)
+        return UserSequence(items, timestamps)
 
     def _decode_user(
         self,
@@ -205,13 +208,14 @@ class FeatureStore(abc.ABC):
             fm = select_fm(fm_fields, wanted_version, self.fm_ttl_s, now)
         except codec.CodecError as exc:
             return self._corrupt(user_id, "FM embedding", exc)
-        return UserFeatures(user_id, Sequence(items, timestamps), fm)
+        return UserFeatures(user_id, UserSequence(items, timestamps), fm)
 
     def _finish_batch(self, user_ids: list[str], decoded: list[UserFeatures | str]) -> list[UserFeatures]:
         """Return the batch, or raise one CorruptFeatureData naming every corrupt user in it."""
+        features = [d for d in decoded if not isinstance(d, str)]
+        if len(features) == len(decoded):
+            return features
         bad = [(uid, d) for uid, d in zip(user_ids, decoded, strict=True) if isinstance(d, str)]
-        if not bad:
-            return decoded  # type: ignore[return-value]
         partial = [None if isinstance(d, str) else d for d in decoded]
         raise CorruptFeatureData(
             "; ".join(message for _, message in bad), user_ids=[uid for uid, _ in bad], partial=partial

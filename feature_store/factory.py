@@ -39,11 +39,15 @@ def open_feature_store(
             retry=no_retry,
         )
     else:
+        # No socket_timeout: every call already runs under the store's own deadline
+        # (`RedisFeatureStore._call`), and a per-socket one costs each command an extra asyncio task
+        # (the send) and timeout scope (each reply), a sixth of a feature read's CPU. A call cut
+        # short by the deadline still drops its connection: redis-py disconnects on any exception
+        # inside a send or a read, cancellation included.
         pool = BlockingConnectionPool.from_url(
             redis_url,
             max_connections=pool_size,
             timeout=timeout_s,
-            socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             retry=no_retry,
         )

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from feature_store.base import FeatureStore, Sequence
+from feature_store.base import FeatureStore, UserSequence
 
 REQUIRED_COLUMNS = ("user_id", "item_id", "timestamp")
 
@@ -74,7 +74,7 @@ async def ingest_events(
         for lo in ranges:
             hi = min(lo + batch_users, starts.size)
             batch = {
-                names[i]: Sequence(items[s:e], timestamps[s:e])
+                names[i]: UserSequence(items[s:e], timestamps[s:e])
                 for i, s, e in zip(range(lo, hi), starts[lo:hi].tolist(), ends[lo:hi].tolist(), strict=True)
             }
             await store.replace_sequences(batch)

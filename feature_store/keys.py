@@ -16,7 +16,14 @@ _ESCAPED = re.compile(rb"%([0-9A-F]{2})")
 # The tag of the empty user id. A lone '%' never comes out of the escaping (which always writes
 # '%XX'), so it cannot collide; an empty tag '{}' would make Redis hash the whole key instead.
 _EMPTY_TAG = b"%"
-_NAMESPACE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+# The first part of every key: no brace (it would open the hash tag), no blank or control byte.
+# Always applied with fullmatch, which (unlike `$`) also refuses a trailing newline.
+NAMESPACE_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+def is_namespace(name: str) -> bool:
+    """Whether `name` may prefix the feature store's keys (the whole of it matches `NAMESPACE_PATTERN`)."""
+    return NAMESPACE_PATTERN.fullmatch(name) is not None
 
 
 def encode_user_id(user_id: str) -> bytes:
@@ -44,8 +51,8 @@ class KeySpace:
 
     def __post_init__(self) -> None:
         # Braces in the namespace would become the hash tag and put every user in one slot.
-        if not _NAMESPACE.fullmatch(self.namespace):
-            raise ValueError(f"namespace must match {_NAMESPACE.pattern}, got {self.namespace!r}")
+        if not is_namespace(self.namespace):
+            raise ValueError(f"namespace must match {NAMESPACE_PATTERN.pattern}, got {self.namespace!r}")
         object.__setattr__(self, "_prefix", self.namespace.encode("ascii"))
 
     def sequence(self, user_id: str) -> bytes:

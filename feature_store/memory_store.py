@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from feature_store import codec
-from feature_store.base import DEFAULT_MAX_LEN, FeatureStore, Sequence, UserFeatures, check_version
+from feature_store.base import DEFAULT_MAX_LEN, FeatureStore, UserFeatures, UserSequence, check_version
 from feature_store.errors import CorruptFeatureData
 
 
@@ -45,7 +45,7 @@ class InMemoryFeatureStore(FeatureStore):
         ]
         return self._finish_batch(user_ids, decoded)
 
-    async def read_sequence(self, user_id: str, max_len: int | None = None) -> Sequence:
+    async def read_sequence(self, user_id: str, max_len: int | None = None) -> UserSequence:
         """The newest `max_len` events of one user."""
         return self._decode_sequence(user_id, *self._tail(user_id, self._read_len(max_len)))
 
@@ -66,7 +66,7 @@ class InMemoryFeatureStore(FeatureStore):
             del buf[: len(buf) - cap]
         return len(buf) // codec.EVENT_BYTES
 
-    async def replace_sequences(self, sequences: Mapping[str, Sequence]) -> None:
+    async def replace_sequences(self, sequences: Mapping[str, UserSequence]) -> None:
         """Set whole sequences, replacing what was stored."""
         encoded = {uid: self._encode_replacement(seq) for uid, seq in sequences.items()}
         for uid, data in encoded.items():

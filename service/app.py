@@ -130,6 +130,7 @@ async def build_state(settings: Settings) -> AsyncIterator[AppState]:
             fm_ttl_s=settings.fm_ttl_s,
             pool_size=settings.redis_pool_size,
             namespace=settings.redis_namespace,
+            max_len=settings.store_max_events,
         )
         stack.push_async_callback(store.aclose)
         metrics.watch_store(store.stats)
@@ -173,6 +174,7 @@ async def build_state(settings: Settings) -> AsyncIterator[AppState]:
             batcher_factory=make_batcher if settings.batch_enabled else None,
             engine=engine,
             feature_timeout_s=settings.feature_timeout_s,
+            search_depth=settings.search_depth_of,
         )
         if scorer.batcher is not None:
             scorer.batcher.start()
@@ -192,7 +194,7 @@ async def build_state(settings: Settings) -> AsyncIterator[AppState]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The ranker app; `settings` default to the environment (DARE_*)."""
-    settings = settings if settings is not None else Settings()  # type: ignore[call-arg]
+    settings = settings if settings is not None else Settings()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:

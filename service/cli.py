@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Literal
 
 import typer
 
@@ -46,7 +47,9 @@ def train(
     attention_dim: int = typer.Option(16, help="dare: attention embedding size"),
     representation_dim: int = typer.Option(64, help="representation size (coupled: the shared size)"),
     top_k: int = typer.Option(64, help="behaviors retrieved per candidate by stage 1"),
-    max_seq_len: int = typer.Option(2000, help="history events kept per impression (most recent)"),
+    max_seq_len: int = typer.Option(
+        2000, help="training window: history events per impression (most recent); serving searches deeper"
+    ),
     fm_dim: int = typer.Option(32, help="fm: user embedding size"),
     patience: int = typer.Option(2, help="epochs without validation AUC gain before stopping"),
     item_dropout: float = typer.Option(
@@ -54,6 +57,16 @@ def train(
     ),
     fm_dropout: float = typer.Option(0.3, help="share of training impressions seen without FM embedding"),
     max_train_samples: int | None = typer.Option(None, help="subsample the training split"),
+    pretrain: bool = typer.Option(
+        True, help="initialise the embedding tables from item vectors learned from the event stream"
+    ),
+    item_vectors: Path | None = typer.Option(
+        None, help="reuse item vectors written by `dare-serve pretrain` instead of learning them"
+    ),
+    aux_weight: float = typer.Option(
+        0.1, help="weight of the co-occurrence loss that keeps the attention table arranged (0: off)"
+    ),
+    weight_decay: float = typer.Option(1e-6, help="L2 on dense weights (never on embedding tables)"),
     progress: bool = typer.Option(True, help="progress bars and log lines on stderr"),
 ) -> None:
     """Train a model, evaluate it on the time-based test split, export a bundle; prints one JSON line."""
@@ -64,18 +77,20 @@ def train(
     from exporters.train import TrainConfig, nan_to_none
     from exporters.train import train as run_training
 
-    if model not in ("dare", "coupled", "fm"):
+    kinds: dict[str, Literal["dare", "coupled", "fm"]] = {"dare": "dare", "coupled": "coupled", "fm": "fm"}
+    kind = kinds.get(model)
+    if kind is None:
         raise _fail(f"--model must be dare, coupled or fm, not {model!r}")
-    if model == "fm" and fm_bundle is not None:
+    if kind == "fm" and fm_bundle is not None:
         raise _fail("--fm-bundle is an input of dare/coupled, not of fm")
     torch_threads()
     cfg = TrainConfig(
         data=data,
-        model=model,
+        model=kind,
         out=out,
         variant=variant,
         fm_bundle=fm_bundle,
-        seed=seed,  # type: ignore[arg-type]
+        seed=seed,
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
@@ -88,6 +103,10 @@ def train(
         item_dropout=item_dropout,
         fm_dropout=fm_dropout,
         max_train_samples=max_train_samples,
+        pretrain=pretrain,
+        item_vectors=item_vectors,
+        aux_weight=aux_weight,
+        weight_decay=weight_decay,
         progress=progress,
     )
     try:
@@ -95,6 +114,45 @@ def train(
     except (DatasetError, BundleError, FileNotFoundError, ValueError) as e:
         raise _fail(str(e)) from None
     typer.echo(orjson.dumps(nan_to_none(result)).decode())
+
+
+@app.command()
+def pretrain(
+    data: Path = typer.Option(..., help="canonical dataset folder"),
+    out: Path = typer.Option(..., help="the item-vectors file to write (.npz)"),
+    dim: int = typer.Option(64, help="vector size: the largest embedding table it will initialise"),
+    window: int = typer.Option(20, help="behaviors at most this many positions apart co-occur"),
+    seed: int = typer.Option(0),
+) -> None:
+    """Learn item vectors from the event stream alone (no labels), for `train --item-vectors`.
+
+    Uses, per user, only the events before the user's first validation or test impression, as
+    `train` does when it learns them itself. Prints one JSON line.
+    """
+    import time
+
+    import orjson
+
+    from exporters.dataset import DatasetError
+    from exporters.train import learn_dataset_vectors
+
+    if dim < 1 or window < 1:
+        raise _fail("--dim and --window must be >= 1")
+    t0 = time.time()
+    try:
+        vectors = learn_dataset_vectors(data, dim, window, seed)
+    except (DatasetError, FileNotFoundError, ValueError) as e:
+        raise _fail(str(e)) from None
+    path = vectors.save(out)
+    summary = {
+        "out": str(path),
+        "items": len(vectors.item_ids),
+        "dim": vectors.dim,
+        "window": window,
+        "events": vectors.n_events,
+        "seconds": round(time.time() - t0, 1),
+    }
+    typer.echo(orjson.dumps(summary).decode())
 
 
 def torch_threads() -> None:
@@ -112,6 +170,7 @@ def fm_embed(
     data: Path = typer.Option(..., help="dataset folder whose events.parquet gives the histories"),
     redis_url: str | None = typer.Option(None, envvar="DARE_REDIS_URL", help="write to this Redis"),
     cluster: bool = typer.Option(False, help="the Redis URL points at a Redis Cluster"),
+    namespace: str = typer.Option("dare", envvar="DARE_REDIS_NAMESPACE", help="key prefix"),
     out: Path | None = typer.Option(None, help="write a parquet file instead of Redis"),
     activate: bool = typer.Option(True, help="switch the feature store's active FM version to this one"),
     progress: bool = typer.Option(True),
@@ -125,9 +184,12 @@ def fm_embed(
 
     from exporters.bundle import BundleError, load_bundle
     from exporters.fm_embed import compute_user_embeddings, write_embeddings_file
+    from feature_store.keys import NAMESPACE_PATTERN, is_namespace
 
     if (redis_url is None) == (out is None):
         raise _fail("give exactly one of --redis-url and --out")
+    if not is_namespace(namespace):
+        raise _fail(f"--namespace must match {NAMESPACE_PATTERN.pattern}, not {namespace!r}")
     t0 = time.time()
     try:
         bundle = load_bundle(fm_bundle)
@@ -143,7 +205,7 @@ def fm_embed(
         from feature_store.factory import open_feature_store
 
         async def write() -> None:
-            store = open_feature_store(redis_url, cluster=cluster, timeout_s=10.0)
+            store = open_feature_store(redis_url, cluster=cluster, timeout_s=10.0, namespace=namespace)
             try:
                 await store.write_fm_embeddings(
                     emb.fm_version, emb.user_ids, emb.vectors, written_at=emb.written_at
@@ -175,7 +237,7 @@ data_app = typer.Typer(no_args_is_help=True, help="Datasets in the canonical for
 app.add_typer(data_app, name="data")
 
 
-def _data_summary(meta: dict, out: Path, t0: float) -> str:
+def _data_summary(meta: dict[str, Any], out: Path, t0: float) -> str:
     import json
     import time
 
@@ -199,13 +261,25 @@ def data_synth(
     min_seq_len: int | None = typer.Option(None, help="shortest user sequence (default 20)"),
     impressions_per_user: float | None = typer.Option(None, help="mean impressions per user (default 24)"),
     seed: int | None = typer.Option(None, help="random seed (default 0)"),
+    theme_layout: str | None = typer.Option(
+        None, help="nested (themes inside categories, the default) | independent (themes across categories)"
+    ),
+    dormant_share: float | None = typer.Option(
+        None,
+        help="share of users with a dormant lifelong interest: in their events only early in their "
+        "timeline, in their impression targets to the end (default 0)",
+    ),
+    dormant_until: float | None = typer.Option(
+        None, help="where on the timeline (0..1) a dormant interest falls silent (default 0.3)"
+    ),
 ) -> None:
     """Write a synthetic dataset with hidden item themes and related.parquet (truth); prints one JSON line."""
     import time
 
     from exporters.synth import SynthConfig, write_synth
 
-    given = {
+    # checked by SynthConfig.validate
+    given: dict[str, Any] = {
         "users": users,
         "items": items,
         "categories": categories,
@@ -213,6 +287,9 @@ def data_synth(
         "min_seq_len": min_seq_len,
         "impressions_per_user": impressions_per_user,
         "seed": seed,
+        "theme_layout": theme_layout,
+        "dormant_share": dormant_share,
+        "dormant_until": dormant_until,
     }
     t0 = time.time()
     try:
@@ -258,6 +335,11 @@ def ingest(
     cluster: bool = typer.Option(False, help="the Redis URL points at a Redis Cluster"),
     namespace: str = typer.Option("dare", envvar="DARE_REDIS_NAMESPACE", help="key prefix"),
     batch_users: int = typer.Option(1000, help="users per pipeline"),
+    max_events: int = typer.Option(
+        10_000,
+        envvar="DARE_STORE_MAX_EVENTS",
+        help="newest behaviors kept per user (the store's cap; serve with the same DARE_STORE_MAX_EVENTS)",
+    ),
     progress: bool = typer.Option(True, help="progress bar on stderr"),
 ) -> None:
     """Load behavior sequences into Redis (replacing, so reruns are idempotent); prints one JSON line."""
@@ -267,6 +349,7 @@ def ingest(
     import orjson
     import pandas as pd
 
+    from feature_store.base import MAX_LEN_LIMIT
     from feature_store.errors import FeatureStoreError
     from feature_store.factory import open_feature_store
     from feature_store.ingest import ingest_events
@@ -276,6 +359,8 @@ def ingest(
             "no Redis to load into: pass --redis-url or set DARE_REDIS_URL "
             "(the in-memory store lives inside the serving process; `dare-serve serve` fills it)"
         )
+    if not 1 <= max_events <= MAX_LEN_LIMIT:
+        raise _fail(f"--max-events must lie in [1, {MAX_LEN_LIMIT:,}], not {max_events}")
     path = data / "events.parquet"
     try:
         events = pd.read_parquet(path, columns=["user_id", "item_id", "timestamp"])
@@ -284,7 +369,9 @@ def ingest(
 
     async def load() -> dict[str, float]:
         # A batch job: a generous per-pipeline timeout instead of the serving default.
-        store = open_feature_store(redis_url, cluster=cluster, timeout_s=30.0, namespace=namespace)
+        store = open_feature_store(
+            redis_url, cluster=cluster, timeout_s=30.0, namespace=namespace, max_len=max_events
+        )
         try:
             return dataclasses.asdict(
                 await ingest_events(store, events, batch_users=batch_users, progress=progress)
@@ -326,7 +413,8 @@ def serve(
 
     from service.settings import Settings
 
-    given = {
+    # checked by Settings' validators
+    given: dict[str, Any] = {
         "bundles": bundles,
         "redis_url": redis_url,
         "load_events": data,
@@ -448,6 +536,51 @@ def demo(
     from service.demo import run_demo
 
     raise typer.Exit(code=run_demo(workdir, host, port, redis_url, smoke))
+
+
+@app.command("settings-table")
+def settings_table(
+    files: list[Path] | None = typer.Argument(
+        None, metavar="FILE", help="documents whose table between the settings-table markers is rewritten"
+    ),
+) -> None:
+    """Print the DARE_* settings table (markdown), or rewrite its copies in FILES between their markers."""
+    from service.settings import SETTINGS_TABLE_MARKERS, settings_table_markdown, with_settings_table
+
+    if not files:
+        typer.echo(settings_table_markdown(), nl=False)
+        return
+    for path in files:
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise _fail(f"{path}: {e.strerror}") from None
+        if not SETTINGS_TABLE_MARKERS.search(text):
+            raise _fail(f"{path}: no <!-- settings-table:start --> ... <!-- settings-table:end --> markers")
+        updated = with_settings_table(text)
+        if updated != text:
+            path.write_text(updated)
+        typer.echo(f"{path}: {'table rewritten' if updated != text else 'already current'}", err=True)
+
+
+@app.command()
+def openapi(
+    out: Path | None = typer.Option(None, help="write the schema to this file instead of stdout"),
+) -> None:
+    """Print the service's OpenAPI schema, as `GET /openapi.json` serves it (no bundles or Redis needed)."""
+    import json
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    # The schema depends on no setting: build the app from defaults, without reading DARE_* variables.
+    schema = create_app(Settings.model_construct(bundles=Path("."))).openapi()
+    text = json.dumps(schema, indent=2, ensure_ascii=False) + "\n"
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.write_text(text)
+        typer.echo(f"wrote {out}", err=True)
 
 
 if __name__ == "__main__":

@@ -17,15 +17,19 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote
 
 import httpx
 
 from service.readiness import wait_ready
 
-DEMO_DATA = {"users": 800, "items": 5000, "categories": 40, "max_seq_len": 1000, "seed": 7}
-DEMO_TRAIN = {"epochs": 3, "seed": 0, "max_seq_len": 1000, "patience": 1}
+if TYPE_CHECKING:
+    from service.settings import Settings
+
+# keyword arguments of SynthConfig and TrainConfig (tests shrink them)
+DEMO_DATA: dict[str, Any] = {"users": 800, "items": 5000, "categories": 40, "max_seq_len": 1000, "seed": 7}
+DEMO_TRAIN: dict[str, Any] = {"epochs": 3, "seed": 0, "max_seq_len": 1000, "patience": 1}
 
 
 def _log(msg: str) -> None:
@@ -74,20 +78,20 @@ def build(workdir: Path, progress: bool = True) -> DemoBuild:
         write_synth(data, SynthConfig(**DEMO_DATA))
         timings["data"] = time.time() - t0
 
-    def trained(root: Path, variant: str, **kw: Any) -> Path:
+    def trained(root: Path, variant: Literal["fm", "dare", "coupled"], **kw: Any) -> Path:
         found = _bundle(root, variant)
         if found is not None:
             return found
         t0 = time.time()
         _log(f"training {variant}")
-        r = train(TrainConfig(data=data, model=variant, out=root, progress=progress, **DEMO_TRAIN, **kw))  # type: ignore[arg-type]
+        r = train(TrainConfig(data=data, model=variant, out=root, progress=progress, **DEMO_TRAIN, **kw))
         _log(f"{variant}: test AUC {r['auc']:.4f}, GAUC {r['gauc']:.4f} in {r['train_seconds']:.0f}s")
         timings[f"train_{variant}"] = time.time() - t0
         return Path(r["bundle"])
 
     fm = trained(fm_root, "fm")
-    for variant in ("dare", "coupled"):
-        trained(bundles, variant, fm_bundle=fm)
+    trained(bundles, "dare", fm_bundle=fm)
+    trained(bundles, "coupled", fm_bundle=fm)
 
     emb_file = workdir / f"fm_embeddings_{fm.parent.name}_{fm.name}.parquet"
     if not emb_file.is_file():
@@ -100,8 +104,9 @@ def build(workdir: Path, progress: bool = True) -> DemoBuild:
     return DemoBuild(data, bundles, fm, emb_file, timings)
 
 
-def fill_redis(b: DemoBuild, redis_url: str) -> None:
-    """Sequences and FM embeddings into Redis (replaces what is there: re-runs stay idempotent)."""
+def fill_redis(b: DemoBuild, settings: Settings) -> None:
+    """Sequences and FM embeddings into the Redis of `settings`, under the namespace and cap the
+    server reads with (replaces what is there: re-runs stay idempotent)."""
     import asyncio
 
     import pandas as pd
@@ -111,7 +116,13 @@ def fill_redis(b: DemoBuild, redis_url: str) -> None:
     from feature_store.ingest import ingest_events
 
     async def load() -> None:
-        store = open_feature_store(redis_url, timeout_s=30.0)
+        store = open_feature_store(
+            settings.redis_dsn,
+            cluster=settings.redis_cluster,
+            timeout_s=30.0,
+            max_len=settings.store_max_events,
+            namespace=settings.redis_namespace,
+        )
         try:
             events = pd.read_parquet(b.data / "events.parquet", columns=["user_id", "item_id", "timestamp"])
             stats = await ingest_events(store, events, progress=False)
@@ -151,8 +162,8 @@ class Smoke:
         items = sorted(events["item_id"].unique())
         cands = [int(i) for i in items[:: max(1, len(items) // 20)][:20]]
         lengths = events["user_id"].value_counts()
-        # a user with a long history that is still below the bundles' max_seq_len, so appended
-        # events show in the sequence length the service reports
+        # a user with a long history that is still far below the store's cap (the service reads
+        # all it keeps), so appended events show in the sequence length the service reports
         user = str(lengths[lengths < 500].index[0])
         with httpx.Client(base_url=self.base, timeout=30) as c:
             for variant in ("dare", "coupled"):
@@ -202,7 +213,7 @@ class Smoke:
             beh = ex[0].get("behaviors", []) if ex else []
             weights = [b.get("attention", 0) for b in beh]
             self.check(
-                bool(ex) and len(ex) == 3 and len(beh) > 0 and abs(sum(weights) - 1) < 1e-3,
+                ex is not None and len(ex) == 3 and len(beh) > 0 and abs(sum(weights) - 1) < 1e-3,
                 f"explain: {len(ex or [])} candidates, first has {len(beh)} behaviors, "
                 f"attention sums to {sum(weights):.4f}",
             )
@@ -291,21 +302,24 @@ def banner(base: str, user: str, cands: list[int]) -> str:
 def run_demo(workdir: Path, host: str, port: int, redis_url: str | None, smoke: bool) -> int:
     """Build what is missing, fill the feature store, serve; with smoke, check and exit."""
     import pandas as pd
+    from pydantic import RedisDsn
 
     from service.app import create_app
     from service.settings import Settings
 
     t0 = time.time()
     b = build(workdir)
-    if redis_url:
-        fill_redis(b, redis_url)
+    # Every other setting (namespace, cluster, store cap) from DARE_* variables, as `serve` takes
+    # them; the store is filled with the same settings the server reads with.
     settings = Settings(
         bundles=b.bundles,
-        redis_url=redis_url,
-        variant_weights="dare=0.5,coupled=0.5",  # type: ignore[arg-type]
+        redis_url=RedisDsn(redis_url) if redis_url else None,
+        variant_weights={"dare": 0.5, "coupled": 0.5},
         load_events=None if redis_url else b.data,
         load_fm_embeddings=None if redis_url else b.fm_embeddings,
     )
+    if settings.redis_url is not None:
+        fill_redis(b, settings)
     app = create_app(settings)
     base = f"http://{host}:{port}"
     events = pd.read_parquet(b.data / "events.parquet", columns=["user_id", "item_id"])

@@ -17,7 +17,7 @@ from service.state import STATE_KEY, AppState
 
 async def get_state(request: Request) -> AppState:
     """The AppState built by the lifespan."""
-    return getattr(request.state, STATE_KEY)  # type: ignore[no-any-return]
+    return getattr(request.state, STATE_KEY)
 
 
 async def get_request_id(request: Request) -> str:

@@ -165,8 +165,8 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     errors = list(exc.errors())
     if any(e.get("type") == "json_invalid" for e in errors):
-        err = MalformedJson("the request body could not be parsed as JSON")
-        return problem_response(err.status, err.type, err.title, err.detail, request)
+        malformed = MalformedJson("the request body could not be parsed as JSON")
+        return problem_response(malformed.status, malformed.type, malformed.title, malformed.detail, request)
     err = InvalidRequest(
         f"{len(errors)} problem(s) in the request",
         extensions={"errors": _validation_errors(errors)},

@@ -7,6 +7,7 @@ starts, unknown items per arm) comes straight from `/metrics`.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
@@ -46,6 +47,7 @@ class Metrics:
     """Every metric the service exports."""
 
     def __init__(self) -> None:
+        self._children: dict[tuple[object, tuple[str, ...]], Any] = {}
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.http_requests = Counter(
             "dare_http_requests", "HTTP requests by endpoint, method and status",
@@ -106,6 +108,15 @@ class Metrics:
         self.variant_weight = Gauge(
             "dare_variant_weight", "Share of hash-assigned traffic per variant", ["variant"], registry=r
         )
+
+    def child(self, metric: Counter | Histogram, *values: str) -> Any:
+        """`metric.labels(*values)`, kept: `labels` takes a lock and builds its key on every call,
+        and a score request records a dozen values. Series still appear on first use only."""
+        key = (metric, values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
 
     def watch_store(self, stats: StoreStats) -> None:
         """Export a feature store's counters from now on."""

@@ -117,8 +117,9 @@ class RequestContextMiddleware:
         # Unmatched paths share one label, so scanners cannot blow up the series count.
         endpoint = getattr(route, "path", None) or "unmatched"
         method = scope.get("method", "")
-        app_state.metrics.http_requests.labels(endpoint, method, str(status)).inc()
-        app_state.metrics.http_latency.labels(endpoint, method).observe(seconds)
+        m = app_state.metrics
+        m.child(m.http_requests, endpoint, method, str(status)).inc()
+        m.child(m.http_latency, endpoint, method).observe(seconds)
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

@@ -53,7 +53,9 @@ class ExplainedCandidate(BaseModel):
 class UserSummary(BaseModel):
     """What the service found about the user."""
 
-    sequence_length: int = Field(description="behaviors read (the newest, up to the bundle's max_seq_len)")
+    sequence_length: int = Field(
+        description="behaviors read and searched (the newest stored, up to the variant's search depth)"
+    )
     fm_embedding: Literal["hit", "miss", "stale"]
     cold_start: bool = Field(description="no behaviors and no FM embedding fed to the ranker")
 
@@ -107,7 +109,8 @@ class ModelInfo(BaseModel):
     model: str
     dims: dict[str, int]
     top_k: int
-    max_seq_len: int
+    max_seq_len: int = Field(description="the training window (history length the model was trained on)")
+    search_depth: int = Field(description="newest stored behaviors read and searched per request")
     n_items: int
     fm_version: str | None
     metrics: dict[str, Any]
@@ -134,6 +137,7 @@ class ModelsResponse(BaseModel):
     weights: dict[str, float]
     device: DeviceInfo
     batching: dict[str, Any]
+    store_max_events: int = Field(description="behaviors the feature store keeps per user (its cap)")
 
 
 class RefusedBundle(BaseModel):

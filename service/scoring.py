@@ -105,6 +105,7 @@ class Scorer:
         batcher_factory: Callable[[Scorer], Batcher[ScoringModel, ScoreJob, ScoreOutcome]] | None = None,
         engine: Stage1Engine | None = None,
         feature_timeout_s: float | None = None,
+        search_depth: Callable[[str], int] | None = None,
     ) -> None:
         self.store = store
         self.executor = executor
@@ -114,12 +115,14 @@ class Scorer:
         self.batcher = batcher_factory(self) if batcher_factory else None
         self.engine = engine
         self.feature_timeout_s = feature_timeout_s
+        # newest stored behaviors read per request of a variant; None: all the store keeps
+        self.search_depth = search_depth
         # set by a feature read that failed for want of the store, cleared by the next one that works
         self.store_failing = False
 
     async def score(self, model: ScoringModel, job: ScoreJob) -> ScoreOutcome:
         """Score one request (through the batcher when batching is on); records the metrics."""
-        variant = model.variant
+        m, variant = self.metrics, model.variant
         try:
             if self.batcher is not None:
                 outcome = await self.batcher.submit(model, job)
@@ -129,31 +132,32 @@ class Scorer:
                     raise result
                 outcome = result
         except FeatureStoreUnavailableError:
-            self.metrics.score_requests.labels(variant, "unavailable").inc()
+            m.child(m.score_requests, variant, "unavailable").inc()
             raise
         except CorruptUserData:
-            self.metrics.score_requests.labels(variant, "corrupt").inc()
+            m.child(m.score_requests, variant, "corrupt").inc()
             raise
         except Exception:
-            self.metrics.score_requests.labels(variant, "error").inc()
+            m.child(m.score_requests, variant, "error").inc()
             raise
         self._observe(variant, job, outcome)
         return outcome
 
     def _observe(self, variant: str, job: ScoreJob, o: ScoreOutcome) -> None:
         m = self.metrics
-        m.score_requests.labels(variant, "ok").inc()
-        m.score_latency.labels(variant).observe(time.perf_counter() - job.submitted)
-        m.stage_latency.labels(variant, "queue").observe(o.queue_s)
-        m.stage_latency.labels(variant, "feature").observe(o.feature_s)
-        m.stage_latency.labels(variant, "search").observe(o.scored.search_s)
-        m.stage_latency.labels(variant, "rank").observe(o.scored.rank_s)
-        m.fm_embeddings.labels(variant, o.fm.value).inc()
-        m.candidates.labels(variant).observe(len(job.candidates))
+        child = m.child
+        child(m.score_requests, variant, "ok").inc()
+        child(m.score_latency, variant).observe(time.perf_counter() - job.submitted)
+        child(m.stage_latency, variant, "queue").observe(o.queue_s)
+        child(m.stage_latency, variant, "feature").observe(o.feature_s)
+        child(m.stage_latency, variant, "search").observe(o.scored.search_s)
+        child(m.stage_latency, variant, "rank").observe(o.scored.rank_s)
+        child(m.fm_embeddings, variant, o.fm.value).inc()
+        child(m.candidates, variant).observe(len(job.candidates))
         if o.unknown_candidates:
-            m.unknown_items.labels(variant).inc(o.unknown_candidates)
+            child(m.unknown_items, variant).inc(o.unknown_candidates)
         if o.cold_start:
-            m.cold_starts.labels(variant).inc()
+            child(m.cold_starts, variant).inc()
 
     async def read_features(
         self, model: ScoringModel, user_ids: list[str], budget_s: float | None = None
@@ -164,7 +168,7 @@ class Scorer:
                 raise FeatureStoreUnavailable("the feature budget ran out while the store was failing")
             async with asyncio.timeout(budget_s):
                 users = await self.store.read_users(
-                    user_ids, fm_version=model.fm_version, max_len=model.max_seq_len
+                    user_ids, fm_version=model.fm_version, max_len=self.depth_of(model)
                 )
         except CorruptFeatureData as exc:
             self.store_failing = False
@@ -183,6 +187,10 @@ class Scorer:
         self.store_failing = False
         return dict(zip(user_ids, users, strict=True))
 
+    def depth_of(self, model: ScoringModel) -> int | None:
+        """Newest stored behaviors a request of this model reads (None: all the store keeps)."""
+        return None if self.search_depth is None else self.search_depth(model.variant)
+
     def feature_budget(self, jobs: list[ScoreJob]) -> float | None:
         """Seconds left for this batch's feature read; None: the store's own timeout alone.
 
@@ -200,7 +208,7 @@ class Scorer:
     ) -> list[ScoreOutcome | BaseException]:
         """Score a batch of requests of one model: one feature read, one compute call."""
         started = time.perf_counter()
-        self.metrics.batch_size.labels(model.variant).observe(len(jobs))
+        self.metrics.child(self.metrics.batch_size, model.variant).observe(len(jobs))
         users = list(dict.fromkeys(j.user_id for j in jobs))
         features = await self.read_features(model, users, self.feature_budget(jobs))
         feature_s = time.perf_counter() - started

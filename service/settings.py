@@ -14,16 +14,34 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, RedisDsn, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-_VARIANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_NAMESPACE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+from exporters.bundle import is_variant_name
+from feature_store.base import DEFAULT_MAX_LEN, MAX_LEN_LIMIT
+from feature_store.keys import NAMESPACE_PATTERN, is_namespace
+
 # Shorter bearer tokens are guessable by brute force over a network; refuse them at start-up.
 MIN_TOKEN_CHARS = 16
 
 
+def available_cores() -> int:
+    """CPUs this process may run on: its affinity mask (a container's cpuset), else the machine's."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no affinity masks on this OS
+        return max(1, os.cpu_count() or 1)
+
+
 def _default_compute_threads() -> int:
-    # One worker thread per two cores: the event loop (JSON, Redis replies) needs a core too, and
-    # ORT/FAISS calls of a batch already use several threads each on bigger boxes.
-    return max(1, (os.cpu_count() or 1) // 2)
+    # One per core. A batch's compute holds its thread for stage 1 (its searches spread over the
+    # search threads) and for one single-threaded ORT call; with fewer threads than cores, batches
+    # ready to compute queue for a thread while a core idles (on 2 cores, 32 clients kept one batch
+    # computing at a time). The event loop's share per request is a fraction of the compute's.
+    return available_cores()
+
+
+def _default_batch_concurrency() -> int:
+    # As many batches computing as there are compute threads, and at least one more than one,
+    # so that a batch reads its features while another computes.
+    return min(64, max(2, available_cores()))
 
 
 def parse_weights(raw: str) -> dict[str, float]:
@@ -34,7 +52,7 @@ def parse_weights(raw: str) -> dict[str, float]:
             continue
         name, sep, value = part.partition("=")
         name = name.strip()
-        if not sep or not _VARIANT.match(name):
+        if not sep or not is_variant_name(name):
             raise ValueError(f"variant weight {part!r}: expected NAME=WEIGHT, e.g. dare=0.5")
         if name in weights:
             raise ValueError(f"variant {name!r} is weighted twice")
@@ -43,6 +61,25 @@ def parse_weights(raw: str) -> dict[str, float]:
         except ValueError:
             raise ValueError(f"variant weight {part!r}: {value.strip()!r} is not a number") from None
     return weights
+
+
+def parse_depths(raw: str) -> dict[str, int]:
+    """Parse `dare=5000,coupled=2000` into a dict; raises ValueError naming the bad part."""
+    depths: dict[str, int] = {}
+    for part in (p.strip() for p in raw.split(",")):
+        if not part:
+            continue
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or not is_variant_name(name):
+            raise ValueError(f"variant search depth {part!r}: expected NAME=BEHAVIORS, e.g. dare=5000")
+        if name in depths:
+            raise ValueError(f"variant {name!r} has two search depths")
+        try:
+            depths[name] = int(value)
+        except ValueError:
+            raise ValueError(f"variant search depth {part!r}: {value.strip()!r} is not an integer") from None
+    return depths
 
 
 class Settings(BaseSettings):
@@ -85,6 +122,18 @@ class Settings(BaseSettings):
     `DARE_FM_TTL_S` (it stays in the model's input space; reported `stale`). Embeddings of another
     FM version are never fed."""
 
+    store_max_events: int = Field(DEFAULT_MAX_LEN, ge=1, le=MAX_LEN_LIMIT)
+    """Behaviors the feature store keeps per user (the newest; appends drop the oldest beyond it).
+    `dare-serve ingest --max-events` writes with the same cap."""
+
+    search_depth: int | None = Field(None, ge=1, le=MAX_LEN_LIMIT)
+    """Newest stored behaviors read and searched per request; unset: all the store keeps
+    (`DARE_STORE_MAX_EVENTS`). Independent of a bundle's `max_seq_len`, its training window."""
+
+    variant_search_depth: Annotated[dict[str, int] | None, NoDecode] = None
+    """Per-variant search depth, `dare=5000,coupled=2000`, over `DARE_SEARCH_DEPTH` for the variants
+    it names."""
+
     variant_weights: Annotated[dict[str, float] | None, NoDecode] = None
     """Traffic split of the hash-based A/B assignment, `dare=0.5,coupled=0.5`; unset: equal weights
     over every loaded variant. Variants weighted 0 are reachable only with `X-Experiment`."""
@@ -115,13 +164,14 @@ class Settings(BaseSettings):
     """How long the first request of a batch waits for company while another batch is running (an
     idle service sends a lone request at once); 0: only what is already queued."""
 
-    batch_max_concurrency: int = Field(2, ge=1, le=64)
-    """Batches in flight at once: one can read features while another computes."""
+    batch_max_concurrency: int = Field(default_factory=_default_batch_concurrency, ge=1, le=64)
+    """Batches in flight at once: one per core, at least 2 (one can read features while another
+    computes)."""
 
     compute_threads: int = Field(default_factory=_default_compute_threads, ge=1, le=256)
     """Worker threads running FAISS and ONNX Runtime (the event loop never does)."""
 
-    search_threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256)
+    search_threads: int = Field(default_factory=available_cores, ge=1, le=256)
     """Threads of the stage-1 engine: one large search is split by candidate rows across them, a
     batch's searches run side by side (CPU only; the GPU path uses FAISS's brute-force kernel)."""
 
@@ -154,13 +204,30 @@ class Settings(BaseSettings):
             return parse_weights(value) or None
         return value
 
+    @field_validator("variant_search_depth", mode="before")
+    @classmethod
+    def _parse_depths(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return parse_depths(value) or None
+        return value
+
+    @field_validator("variant_search_depth")
+    @classmethod
+    def _check_depths(cls, value: dict[str, int] | None) -> dict[str, int] | None:
+        for name, depth in (value or {}).items():
+            if not is_variant_name(name):
+                raise ValueError(f"variant name {name!r}: use letters, digits, '_', '-', '.'")
+            if depth < 1:
+                raise ValueError(f"variant {name!r}: search depth {depth} must be >= 1")
+        return value
+
     @field_validator("variant_weights")
     @classmethod
     def _check_weights(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         if value is None:
             return None
         for name, weight in value.items():
-            if not _VARIANT.match(name):
+            if not is_variant_name(name):
                 raise ValueError(f"variant name {name!r}: use letters, digits, '_', '-', '.'")
             if not (weight >= 0 and weight < float("inf")):
                 raise ValueError(f"variant {name!r}: weight {weight} must be finite and >= 0")
@@ -171,8 +238,8 @@ class Settings(BaseSettings):
     @field_validator("redis_namespace")
     @classmethod
     def _check_namespace(cls, value: str) -> str:
-        if not _NAMESPACE.match(value):
-            raise ValueError(f"namespace must match {_NAMESPACE.pattern}, got {value!r}")
+        if not is_namespace(value):
+            raise ValueError(f"namespace must match {NAMESPACE_PATTERN.pattern}, got {value!r}")
         return value
 
     @field_validator("admin_token", "write_token")
@@ -197,6 +264,13 @@ class Settings(BaseSettings):
             and self.admin_token.get_secret_value() == self.write_token.get_secret_value()
         ):
             raise ValueError("DARE_ADMIN_TOKEN and DARE_WRITE_TOKEN must differ (separate privileges)")
+        depths = [("DARE_SEARCH_DEPTH", self.search_depth), *(self.variant_search_depth or {}).items()]
+        deeper = [f"{name}={d}" for name, d in depths if d is not None and d > self.store_max_events]
+        if deeper:
+            raise ValueError(
+                f"search depth {', '.join(deeper)} exceeds DARE_STORE_MAX_EVENTS={self.store_max_events}: "
+                "the store keeps no more than that"
+            )
         if self.batch_max_wait_ms > self.feature_timeout_ms:
             raise ValueError(
                 "DARE_BATCH_MAX_WAIT_MS above DARE_FEATURE_TIMEOUT_MS would queue past the budget"
@@ -213,6 +287,12 @@ class Settings(BaseSettings):
     @property
     def feature_timeout_s(self) -> float:
         return self.feature_timeout_ms / 1000.0
+
+    def search_depth_of(self, variant: str) -> int:
+        """Newest stored behaviors a request of `variant` reads and searches."""
+        depths = self.variant_search_depth or {}
+        depth = depths.get(variant, self.search_depth)
+        return self.store_max_events if depth is None else depth
 
     @property
     def redis_dsn(self) -> str | None:
@@ -242,7 +322,11 @@ def settings_table_markdown() -> str:
         if field.is_required():
             default = "required"
         elif field.default_factory is not None:
-            default = {"compute_threads": "cores / 2", "search_threads": "cores"}.get(name, "computed")
+            default = {
+                "compute_threads": "cores",
+                "search_threads": "cores",
+                "batch_max_concurrency": "cores, at least 2",
+            }.get(name, "computed")
         elif field.default is None:
             default = "unset"
         else:
@@ -252,3 +336,14 @@ def settings_table_markdown() -> str:
         type_name = _type_name(field.annotation).replace("|", "\\|")
         rows.append(f"| `DARE_{name.upper()}` | `{type_name}` | {default} | {description} |")
     return "\n".join(rows) + "\n"
+
+
+# Where a document holds a copy of the table (README.md, docs/service.md).
+SETTINGS_TABLE_MARKERS = re.compile(
+    r"(<!-- settings-table:start -->\n\n)(.*?)(\n<!-- settings-table:end -->)", re.S
+)
+
+
+def with_settings_table(text: str) -> str:
+    """`text` with the current table between each pair of settings-table markers."""
+    return SETTINGS_TABLE_MARKERS.sub(lambda m: m[1] + settings_table_markdown() + m[3], text)

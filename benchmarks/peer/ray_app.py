@@ -111,27 +111,34 @@ class Ranker:
                 queries[:, :-1], queries[:, -1] = self.attention[cand], 1.0
                 keys = np.empty((len(beh), self.attention.shape[1] + 1), np.float32)
                 keys[:, :-1], keys[:, -1] = self.attention[beh], self.time_bias[buckets]
-                _, pos = faiss.knn(queries, keys, k, metric=faiss.METRIC_INNER_PRODUCT)
+                scores, pos = faiss.knn(queries, keys, k, metric=faiss.METRIC_INNER_PRODUCT)
             else:
-                pos = np.zeros((len(cand), 0), np.int64)
+                scores, pos = np.zeros((len(cand), 0), np.float32), np.zeros((len(cand), 0), np.int64)
             fm = None
             if self.fm_dim and fm_blob is not None and len(fm_blob) == FM_HEADER_BYTES + 4 * self.fm_dim:
                 fm = np.frombuffer(fm_blob, "<f4", offset=FM_HEADER_BYTES)
-            prepared.append((cand, beh[pos], buckets[pos], fm))
+            # the graph takes each distinct retrieved behavior once and, per slot, its index and score
+            distinct, index = np.unique(pos, return_inverse=True)
+            prepared.append((cand, beh[distinct], buckets[distinct], index.reshape(pos.shape), scores, fm))
         b, c = len(prepared), max(len(p[0]) for p in prepared)
+        u = max(1, max(len(p[1]) for p in prepared))
         feeds = {
             "candidates": np.zeros((b, c), np.int64),
-            "behaviors": np.zeros((b, c, self.top_k), np.int64),
-            "buckets": np.zeros((b, c, self.top_k), np.int64),
+            "behaviors": np.zeros((b, u), np.int64),
+            "buckets": np.zeros((b, u), np.int64),
+            "retrieved": np.zeros((b, c, self.top_k), np.int64),
+            "scores": np.zeros((b, c, self.top_k), np.float32),
             "mask": np.zeros((b, c, self.top_k), np.float32),
         }
         if self.fm_dim:
             feeds |= {"fm": np.zeros((b, self.fm_dim), np.float32), "fm_present": np.zeros(b, np.float32)}
-        for i, (cand, beh, buck, fm) in enumerate(prepared):
-            ci, ki = beh.shape
+        for i, (cand, beh, buck, index, scores, fm) in enumerate(prepared):
+            ci, ki = index.shape
             feeds["candidates"][i, :ci] = cand
-            feeds["behaviors"][i, :ci, :ki] = beh
-            feeds["buckets"][i, :ci, :ki] = buck
+            feeds["behaviors"][i, : len(beh)] = beh
+            feeds["buckets"][i, : len(beh)] = buck
+            feeds["retrieved"][i, :ci, :ki] = index
+            feeds["scores"][i, :ci, :ki] = scores
             feeds["mask"][i, :ci, :ki] = 1.0
             if fm is not None:
                 feeds["fm"][i], feeds["fm_present"][i] = fm, 1.0

@@ -1,5 +1,8 @@
 """Both stages for a batch of requests of one ranker: rows and buckets, FAISS search, one ORT call.
 
+Stage 2 is fed straight from stage 1: each candidate's retrieved positions and their scores (the
+attention logits before scaling), with each distinct retrieved behavior of a request passed once.
+
 Plain synchronous numpy / FAISS / ONNX Runtime: the service runs `score_jobs` in a worker thread,
 benchmarks and tests call it directly. No I/O, no asyncio, no HTTP.
 """
@@ -16,8 +19,8 @@ import numpy as np
 
 from exporters.bundle import Bundle
 from exporters.features import time_buckets
-from service.core.ranking import FeedPool, RankInput, rank_batch
-from service.core.search import Stage1Engine, search_keys, search_queries
+from service.core.ranking import FeedPool, RankInput, rank_batch, rank_input
+from service.core.search import SearchResult, Stage1Engine, search_keys, search_queries
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -64,6 +67,7 @@ class ScoringModel:
 
     @property
     def max_seq_len(self) -> int:
+        """The training window; serving reads as deep as its search depth setting, not this."""
         return self.bundle.manifest.max_seq_len
 
 
@@ -145,15 +149,18 @@ def search_pairs(model: ScoringModel, job: PreparedJob) -> tuple[np.ndarray, np.
     )
 
 
-def checked_positions(model: ScoringModel, job: PreparedJob, positions: np.ndarray) -> np.ndarray:
-    """Stage-1 positions [C, k] (k = min(K, L)), validated against the request's shape."""
+def checked_result(model: ScoringModel, job: PreparedJob, res: SearchResult) -> tuple[np.ndarray, np.ndarray]:
+    """Stage-1 positions and scores [C, k] (k = min(K, L)), validated against the request's shape."""
     c, k = len(job.cand_rows), min(model.top_k, len(job.beh_rows))
-    positions = np.asarray(positions, dtype=np.int64)
+    positions = np.asarray(res.positions, dtype=np.int64)
+    scores = np.asarray(res.scores, dtype=np.float32)
     if positions.shape != (c, k) or (
         positions.size and (positions.min() < 0 or positions.max() >= len(job.beh_rows))
     ):
         raise RuntimeError(f"stage 1 returned positions of shape {positions.shape}, expected ({c}, {k})")
-    return positions
+    if scores.shape != (c, k) or not np.isfinite(scores).all():
+        raise RuntimeError(f"stage 1 returned scores of shape {scores.shape}, expected ({c}, {k}), finite")
+    return positions, scores
 
 
 _SERIAL = Stage1Engine(threads=1)
@@ -165,17 +172,18 @@ def score_jobs(
     """Both stages for a batch of one model: the batch's searches on the stage-1 engine, one ORT call."""
     engine = engine if engine is not None else _SERIAL
     t0 = time.perf_counter()
-    # cold-start users have nothing to search; stage 2 sees an all-padding history for them
+    # cold-start users have nothing to search; stage 2 sees no behaviors and all-padding slots
     searched = [i for i, job in enumerate(jobs) if len(job.beh_rows)]
     results = engine.search([search_pairs(model, jobs[i]) for i in searched], model.top_k)
     positions = [np.zeros((len(job.cand_rows), 0), np.int64) for job in jobs]
+    scores = [np.zeros((len(job.cand_rows), 0), np.float32) for job in jobs]
     for i, res in zip(searched, results, strict=True):
-        positions[i] = checked_positions(model, jobs[i], res.positions)
+        positions[i], scores[i] = checked_result(model, jobs[i], res)
     search_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    inputs = [
-        RankInput(job.cand_rows, job.beh_rows[pos], job.beh_buckets[pos], job.fm)
-        for job, pos in zip(jobs, positions, strict=True)
+    inputs: list[RankInput] = [
+        rank_input(job.cand_rows, job.beh_rows, job.beh_buckets, pos, sc, job.fm)
+        for job, pos, sc in zip(jobs, positions, scores, strict=True)
     ]
     outputs = rank_batch(model.bundle.session, model.feeds, inputs)
     rank_s = time.perf_counter() - t0

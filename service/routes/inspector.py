@@ -49,7 +49,7 @@ def dataset_users(path: Path, mtime_ns: int, n: int) -> tuple[str, ...]:
     import pandas as pd
 
     counts = pd.read_parquet(path, columns=["user_id"])["user_id"].astype(str).value_counts()
-    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    ranked = sorted(((str(u), int(c)) for u, c in counts.items()), key=lambda kv: (-kv[1], kv[0]))
     return tuple(ranked[i][0] for i in spread([u for u, _ in ranked], n))
 
 

@@ -18,7 +18,11 @@ async def list_models(state: StateDep) -> ModelsResponse:
     s = state.settings
     return ModelsResponse(
         variants=[
-            ModelInfo(**model_summary(model), weight=current.weights.get(variant, 0.0))
+            ModelInfo(
+                **model_summary(model),
+                search_depth=s.search_depth_of(variant),
+                weight=current.weights.get(variant, 0.0),
+            )
             for variant, model in sorted(current.models.items())
         ],
         weights=dict(current.weights),
@@ -29,4 +33,5 @@ async def list_models(state: StateDep) -> ModelsResponse:
             "max_wait_ms": s.batch_max_wait_ms,
             "max_concurrency": s.batch_max_concurrency,
         },
+        store_max_events=s.store_max_events,
     )

@@ -1,57 +1,112 @@
-"""`POST /v1/score`: pick the variant, score through the scorer, report how."""
+"""`POST /v1/score`: pick the variant, score through the scorer, report how.
+
+The route runs on `ScoreRoute`. FastAPI still builds the OpenAPI entry from `score_candidates`'s
+signature (body, header, response model), but a request skips FastAPI's per-request dependency
+solving, JSON decoding into dicts and response-model pass, which cost the event loop more than
+everything else this module does (about 0.2 ms of ~0.35 ms per request): the body is validated in
+one pydantic pass from its bytes, and the answer is written with orjson. Bad input gets exactly the
+errors FastAPI gives (`parse_score_body`), and every error takes the app's usual handlers.
+"""
 
 from __future__ import annotations
 
+import json
 import time
-from typing import Annotated
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
 
 import numpy as np
-from fastapi import APIRouter, Header, Response
+import orjson
+from fastapi import APIRouter, Header, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from pydantic import ValidationError
 
-from service.deps import RequestIdDep, StateDep
-from service.errors import TooManyCandidates
-from service.schemas import (
-    ExplainedBehavior,
-    ExplainedCandidate,
-    ScoreRequest,
-    ScoreResponse,
-    UserSummary,
-    problem_responses,
-)
+from service.errors import MalformedJson, TooManyCandidates, request_id_of
+from service.schemas import ScoreRequest, ScoreResponse, problem_responses
 from service.scoring import ScoreJob, ScoreOutcome
-
-router = APIRouter(tags=["scoring"])
+from service.state import STATE_KEY, AppState
 
 
 def server_timing(outcome: ScoreOutcome, total_s: float) -> str:
-    """`Server-Timing` value: the stages of this request in milliseconds."""
+    """`Server-Timing` value: the stages of this request in milliseconds; `search` says over how many
+    behaviors (the user's newest stored, up to the search depth)."""
     s = outcome.scored
-    parts = [
-        ("queue", outcome.queue_s),
-        ("feature", outcome.feature_s),
-        ("search", s.search_s),
-        ("rank", s.rank_s),
-        ("total", total_s),
-    ]
-    return ", ".join(f"{name};dur={seconds * 1000:.3f}" for name, seconds in parts)
+    return (
+        f"queue;dur={outcome.queue_s * 1000:.3f}, feature;dur={outcome.feature_s * 1000:.3f}, "
+        f'search;dur={s.search_s * 1000:.3f};desc="{outcome.sequence_length} behaviors", '
+        f"rank;dur={s.rank_s * 1000:.3f}, total;dur={total_s * 1000:.3f}"
+    )
 
 
-def explain_of(candidates: list[int], outcome: ScoreOutcome) -> list[ExplainedCandidate]:
+def explain_of(candidates: list[int], outcome: ScoreOutcome) -> list[dict[str, Any]]:
     """Per candidate, its retrieved behaviors (raw ids and times) with their attention weights."""
     s = outcome.scored
     items = outcome.items[s.positions].tolist()
     times = outcome.timestamps[s.positions].tolist()
     weights = s.attention.tolist()
     return [
-        ExplainedCandidate(
-            item_id=cand,
-            behaviors=[
-                ExplainedBehavior(item_id=i, timestamp=t, attention=a)
+        {
+            "item_id": cand,
+            "behaviors": [
+                {"item_id": i, "timestamp": t, "attention": a}
                 for i, t, a in zip(items[c], times[c], weights[c], strict=True)
             ],
-        )
+        }
         for c, cand in enumerate(candidates)
     ]
+
+
+def _is_json(content_type: str | None) -> bool:
+    # FastAPI's test: application/json or application/*+json, parameters ignored
+    if content_type is None:
+        return False
+    media = content_type.partition(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def parse_score_body(content_type: str | None, raw: bytes) -> ScoreRequest:
+    """The request body as a ScoreRequest; raises what FastAPI's body handling raises for bad input.
+
+    Valid JSON bodies are validated straight from the bytes. Anything that fails that goes the way
+    FastAPI goes (stdlib JSON, then validation of the decoded value), so every error, and every
+    input the stdlib accepts beyond strict JSON (NaN, a byte-order mark), is treated as before.
+    """
+    if raw and _is_json(content_type):
+        try:
+            return ScoreRequest.model_validate_json(raw)
+        except ValidationError:
+            pass
+    body: Any = raw
+    if not raw:
+        raise RequestValidationError(
+            [{"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}]
+        )
+    if _is_json(content_type):
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise MalformedJson("the request body could not be parsed as JSON") from exc
+    try:
+        return ScoreRequest.model_validate(body, from_attributes=True)
+    except ValidationError as exc:
+        errors = [{**err, "loc": ("body", *err["loc"])} for err in exc.errors()]
+        raise RequestValidationError(errors) from None
+
+
+class ScoreRoute(APIRoute):
+    """An APIRoute whose requests go to `handle_score` (the OpenAPI entry is FastAPI's, unchanged)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        return handle_score
+
+
+async def handle_score(request: Request) -> Response:
+    body = parse_score_body(request.headers.get("content-type"), await request.body())
+    return await score_candidates(body, request, request.headers.get("x-experiment"))
+
+
+router = APIRouter(tags=["scoring"], route_class=ScoreRoute)
 
 
 @router.post(
@@ -62,13 +117,12 @@ def explain_of(candidates: list[int], outcome: ScoreOutcome) -> list[ExplainedCa
 )
 async def score_candidates(
     body: ScoreRequest,
-    response: Response,
-    state: StateDep,
-    request_id: RequestIdDep,
+    request: Request,
     x_experiment: Annotated[str | None, Header(description="force a variant (A/B arm)")] = None,
-) -> ScoreResponse:
+) -> Response:
     """Click probabilities of `candidates` for `user_id`, in candidate order."""
     started = time.perf_counter()
+    state: AppState = getattr(request.state, STATE_KEY)
     settings = state.settings
     if len(body.candidates) > settings.max_candidates:
         raise TooManyCandidates(
@@ -84,19 +138,22 @@ async def score_candidates(
         submitted=started,
     )
     outcome = await state.scorer.score(model, job)
-    response.headers["X-Model-Variant"] = model.variant
-    response.headers["X-Model-Version"] = model.version
-    response.headers["Server-Timing"] = server_timing(outcome, time.perf_counter() - started)
-    return ScoreResponse(
-        request_id=request_id,
-        variant=model.variant,
-        model_version=model.version,
-        scores=outcome.scored.probabilities.tolist(),
-        user=UserSummary(
-            sequence_length=outcome.sequence_length,
-            fm_embedding=outcome.fm.value,
-            cold_start=outcome.cold_start,
-        ),
-        unknown_items=outcome.unknown_candidates,
-        explain=explain_of(body.candidates, outcome) if body.explain else None,
-    )
+    answer = {
+        "request_id": request_id_of(request) or "",
+        "variant": model.variant,
+        "model_version": model.version,
+        "scores": outcome.scored.probabilities.tolist(),
+        "user": {
+            "sequence_length": outcome.sequence_length,
+            "fm_embedding": outcome.fm.value,
+            "cold_start": outcome.cold_start,
+        },
+        "unknown_items": outcome.unknown_candidates,
+        "explain": explain_of(body.candidates, outcome) if body.explain else None,
+    }
+    headers = {
+        "X-Model-Variant": model.variant,
+        "X-Model-Version": model.version,
+        "Server-Timing": server_timing(outcome, time.perf_counter() - started),
+    }
+    return Response(orjson.dumps(answer), media_type="application/json", headers=headers)

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query
 from starlette.convertors import Convertor, register_url_convertor
 
-from feature_store.base import DEFAULT_MAX_LEN
+from feature_store.base import MAX_LEN_LIMIT
 from feature_store.errors import FeatureStoreError
 from service.deps import StateDep
 from service.schemas import Event, UserSequence, problem_responses
@@ -41,7 +41,7 @@ router = APIRouter(tags=["users"])
 async def user_sequence(
     user_id: Annotated[str, Path(min_length=1, max_length=256, description="user id")],
     state: StateDep,
-    limit: Annotated[int, Query(ge=1, le=DEFAULT_MAX_LEN, description="newest behaviors to return")] = 1000,
+    limit: Annotated[int, Query(ge=1, le=MAX_LEN_LIMIT, description="newest behaviors to return")] = 1000,
 ) -> UserSequence:
     """The user's newest `limit` behaviors, oldest first (an unknown user has none)."""
     try:

@@ -71,25 +71,40 @@ def _torch_scores(model: TwoStageRanker, cand_rows, hist_rows, hist_ts, now, fm=
     return torch.sigmoid(logit).numpy(), top.numpy()
 
 
+def _stage2_feeds(cand_rows, hist_rows, buckets, positions, scores, fm=None, present=None):
+    """The graph's feeds for one request, deduplicated with np.unique (not the service's code)."""
+    c, k = positions.shape
+    distinct, inverse = np.unique(positions, return_inverse=True)
+    retrieved = np.zeros((1, c, K), np.int64)
+    sc = np.zeros((1, c, K), np.float32)
+    mask = np.zeros((1, c, K), np.float32)
+    retrieved[0, :, :k] = inverse.reshape(c, k)
+    sc[0, :, :k] = scores
+    mask[0, :, :k] = 1.0
+    if len(distinct) == 0:  # a cold user: one padding behavior that no slot reaches
+        distinct, hist_rows, buckets = np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.int64)
+    feeds = {
+        "candidates": cand_rows[None],
+        "behaviors": hist_rows[distinct][None],
+        "buckets": buckets[distinct][None],
+        "retrieved": retrieved,
+        "scores": sc,
+        "mask": mask,
+    }
+    if fm is not None:
+        feeds |= {"fm": fm[None].astype(np.float32), "fm_present": np.array([present], np.float32)}
+    return feeds
+
+
 def _served_scores(bundle, cand_rows, hist_rows, hist_ts, now, fm=None, present=None):
-    """Stage 1 with FAISS over the bundle's index, stage 2 with ONNX Runtime."""
-    c = len(cand_rows)
+    """Stage 1 with FAISS over the bundle's index, stage 2 with ONNX Runtime on its scores."""
     buckets = time_buckets(now - hist_ts)
     res = knn_plain(
         search_queries(bundle.attention, cand_rows),
         search_keys(bundle.attention, bundle.time_bias, hist_rows, buckets),
         K,
     )
-    k = res.positions.shape[1]
-    beh = np.zeros((1, c, K), np.int64)
-    bkt = np.zeros((1, c, K), np.int64)
-    mask = np.zeros((1, c, K), np.float32)
-    beh[0, :, :k] = hist_rows[res.positions]
-    bkt[0, :, :k] = buckets[res.positions]
-    mask[0, :, :k] = 1.0
-    feeds = {"candidates": cand_rows[None], "behaviors": beh, "buckets": bkt, "mask": mask}
-    if fm is not None:
-        feeds |= {"fm": fm[None].astype(np.float32), "fm_present": np.array([present], np.float32)}
+    feeds = _stage2_feeds(cand_rows, hist_rows, buckets, res.positions, res.scores, fm, present)
     probs, attention = bundle.session.run(None, feeds)
     return probs[0], attention[0], res
 
@@ -142,18 +157,66 @@ def test_search_scores_are_attention_logits(tmp_path: Path) -> None:
     np.testing.assert_allclose(res.scores[0] * model.scale, np.sort(logits)[::-1][:5], rtol=1e-5, atol=1e-6)
 
 
-def test_dynamic_batch_and_candidate_axes(tmp_path: Path) -> None:
+def test_stage2_graph_is_the_pytorch_stage2(tmp_path: Path) -> None:
+    """Given the same retrieved behaviors, the graph's probabilities and weights are stage2's."""
+    model = _ranker("dare", fm_dim=3)
+    bundle = load_bundle(_export(model, tmp_path))
+    rng = np.random.default_rng(5)
+    c, length = 7, 40
+    cand_rows = rng.integers(0, N_ITEMS, c)
+    hist_rows, buckets = rng.integers(0, N_ITEMS, length), rng.integers(0, 64, length)
+    positions = np.stack([rng.choice(length, K, replace=False) for _ in range(c)])
+    positions[:, :3] = positions[0, :3]  # behaviors shared across candidates
+    fm = rng.normal(size=3).astype(np.float32)
+    with torch.no_grad():
+        scores = (
+            model.attention_logits(
+                torch.from_numpy(cand_rows),
+                torch.from_numpy(hist_rows[positions]),
+                torch.from_numpy(buckets[positions]),
+            ).numpy()
+            / model.scale
+        )
+        logit, weights = model.stage2(
+            torch.from_numpy(cand_rows),
+            torch.from_numpy(hist_rows[positions]),
+            torch.from_numpy(buckets[positions]),
+            torch.ones(c, K, dtype=torch.bool),
+            torch.from_numpy(np.repeat(fm[None], c, 0)),
+            torch.ones(c),
+        )
+    feeds = _stage2_feeds(cand_rows, hist_rows, buckets, positions, scores, fm, 1.0)
+    assert feeds["behaviors"].shape[1] < c * K
+    probs, attention = bundle.session.run(None, feeds)
+    np.testing.assert_allclose(probs[0], torch.sigmoid(logit).numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(attention[0], weights.numpy(), rtol=0, atol=1e-6)
+    # the same slots through a list that repeats behaviors (no deduplication) score the same
+    repeated = feeds | {
+        "behaviors": hist_rows[positions].reshape(1, -1),
+        "buckets": buckets[positions].reshape(1, -1),
+        "retrieved": np.arange(c * K).reshape(1, c, K),
+    }
+    again, attention_again = bundle.session.run(None, repeated)
+    np.testing.assert_array_equal(again, probs)
+    np.testing.assert_array_equal(attention_again, attention)
+
+
+def test_dynamic_batch_candidate_and_behavior_axes(tmp_path: Path) -> None:
     bundle = load_bundle(_export(_ranker("dare"), tmp_path))
-    for b, c in ((1, 1), (3, 17), (8, 200)):
+    assert [i.name for i in bundle.inputs] == bundle.manifest.model_extra["onnx"]["inputs"]
+    for b, c, u in ((1, 1, 1), (3, 17, 5), (8, 200, 900)):
         feeds = {
             "candidates": np.ones((b, c), np.int64),
-            "behaviors": np.ones((b, c, K), np.int64),
-            "buckets": np.zeros((b, c, K), np.int64),
+            "behaviors": np.ones((b, u), np.int64),
+            "buckets": np.zeros((b, u), np.int64),
+            "retrieved": np.full((b, c, K), u - 1, np.int64),
+            "scores": np.zeros((b, c, K), np.float32),
             "mask": np.ones((b, c, K), np.float32),
         }
         probs, attention = bundle.session.run(None, feeds)
         assert probs.shape == (b, c) and attention.shape == (b, c, K)
         assert ((probs > 0) & (probs < 1)).all()
+        np.testing.assert_allclose(attention, 1.0 / K, rtol=1e-6)
 
 
 def test_fm_encoder_matches_pytorch(tmp_path: Path) -> None:
@@ -241,8 +304,22 @@ def test_mismatched_dims_are_refused(good_bundle: Path) -> None:
 
 def test_wrong_top_k_is_refused(good_bundle: Path) -> None:
     _rewrite_manifest(good_bundle, top_k=16)
-    with pytest.raises(BundleError, match="ONNX input behaviors"):
+    with pytest.raises(BundleError, match="ONNX input retrieved"):
         load_bundle(good_bundle)
+
+
+def test_format_1_ranker_is_refused_with_the_reason(good_bundle: Path, tmp_path: Path) -> None:
+    _rewrite_manifest(good_bundle, format_version=1)
+    with pytest.raises(BundleError, match="dare bundle of format_version 1.*per-pair stage-2 inputs"):
+        load_bundle(good_bundle)
+    # FM bundles did not change: format 1 still loads
+    torch.manual_seed(0)
+    fm = FoundationModel(FmConfig(N_ITEMS, N_CATS, dim=8, heads=2, fm_dim=5), np.zeros(N_ITEMS, np.int64))
+    path = export_fm(
+        fm, tmp_path / "fm", "fm", _item_ids(), 300, {"auc": 0.5, "gauc": 0.5, "logloss": 0.7}, {}
+    )
+    _rewrite_manifest(path, format_version=1)
+    assert load_bundle(path).manifest.format_version == 1
 
 
 def test_pickled_array_is_refused(good_bundle: Path) -> None:
@@ -267,6 +344,17 @@ def test_invalid_manifest_is_refused(good_bundle: Path) -> None:
     (good_bundle / "manifest.json").write_text("{not json")
     with pytest.raises(BundleError, match="invalid manifest"):
         load_bundle(good_bundle)
+
+
+def test_fewer_time_buckets_than_serving_uses_are_refused(tmp_path: Path) -> None:
+    # consistent in itself (time_bias.npy has 8 rows), but a behavior a day old falls in bucket 32
+    torch.manual_seed(0)
+    cats = np.r_[0, np.arange(1, N_ITEMS) % (N_CATS - 1) + 1].astype(np.int64)
+    cfg = RankerConfig("dare", N_ITEMS, N_CATS, 4, 8, K, 0, (16, 8), n_time_buckets=8)
+    path = _export(TwoStageRanker(cfg, cats).eval(), tmp_path)
+    assert int(time_buckets(np.array([86_400]))[0]) == 32
+    with pytest.raises(BundleError, match=r"n_time_buckets=8, .* buckets 0\.\.63: the model needs 64"):
+        load_bundle(path)
 
 
 def test_versions_increase(tmp_path: Path) -> None:

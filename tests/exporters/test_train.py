@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +25,9 @@ def test_results_line_and_bundles(tiny_models: TinyModels) -> None:
         assert r["fm_version"] == "fm:1"
         m = r["metrics"]
         assert {"popularity", "retrieval", "fm_missing", "valid_auc"} <= set(m)
-        ret = m["retrieval"]
-        assert 0.0 <= ret["base_rate"] <= 1.0 and 0.0 <= ret["precision_at_k"] <= 1.0
+        planted, mi = m["retrieval"]["planted"], m["retrieval"]["mi_ndcg"]
+        assert 0.0 <= planted["base_rate"] <= 1.0 and 0.0 <= planted["precision_at_k"] <= 1.0
+        assert planted["k"] == mi["k"] == 16 and mi["n_impressions"] > 0
         b = load_bundle(r["bundle"])
         assert b.manifest.model == model and b.manifest.fm_version == "fm:1"
         assert b.manifest.dims.attention == (8 if model == "dare" else 16)
@@ -118,6 +120,29 @@ def test_fm_embed_cli_to_file(tiny_models: TinyModels, tmp_path: Path) -> None:
     assert read_embeddings_file(out).vectors.shape == (150, 8)
 
 
+def test_fm_embed_cli_writes_under_the_serving_namespace(tiny_models: TinyModels, redis_url: str) -> None:
+    import redis
+    from typer.testing import CliRunner
+
+    from service.cli import app
+
+    args = ["fm-embed", "--fm-bundle", str(tiny_models.fm), "--data", str(tiny_models.data)]
+    args += ["--redis-url", redis_url, "--no-progress"]
+    by_option, by_env = f"fm-opt-{uuid.uuid4().hex[:8]}", f"fm-env-{uuid.uuid4().hex[:8]}"
+    runs = {
+        by_option: CliRunner().invoke(app, [*args, "--namespace", by_option]),
+        # the variable `ingest` and `serve` read
+        by_env: CliRunner().invoke(app, args, env={"DARE_REDIS_NAMESPACE": by_env}),
+    }
+    with redis.Redis.from_url(redis_url) as raw:
+        for namespace, result in runs.items():
+            assert result.exit_code == 0, result.output
+            assert raw.get(f"{namespace}:fm:active") == b"fm:1"
+            assert len(list(raw.scan_iter(match=f"{namespace}:fm:{{*", count=1000))) == 150
+    bad = CliRunner().invoke(app, [*args, "--namespace", "a{b}"])
+    assert bad.exit_code == 2 and "--namespace must match" in bad.output
+
+
 def test_offline_model_matches_bundle_graph(tiny_models: TinyModels) -> None:
     from exporters.features import time_buckets
     from exporters.offline import load_torch_model, score_offline
@@ -138,10 +163,13 @@ def test_offline_model_matches_bundle_graph(tiny_models: TinyModels) -> None:
         search_keys(bundle.attention, bundle.time_bias, rows, buckets),
         16,
     )
+    distinct, index = np.unique(res.positions, return_inverse=True)
     feeds = {
         "candidates": bundle.rows(cands)[None],
-        "behaviors": rows[res.positions][None],
-        "buckets": buckets[res.positions][None],
+        "behaviors": rows[distinct][None],
+        "buckets": buckets[distinct][None],
+        "retrieved": index.reshape(1, 7, 16),
+        "scores": res.scores[None],
         "mask": np.ones((1, 7, 16), np.float32),
         "fm": fm[None],
         "fm_present": np.ones(1, np.float32),

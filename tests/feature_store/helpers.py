@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import redis
 
-from feature_store.base import FeatureStore, Sequence
+from feature_store.base import FeatureStore, UserSequence
 from feature_store.memory_store import InMemoryFeatureStore
 from feature_store.redis_store import RedisFeatureStore
 
@@ -21,7 +21,7 @@ def events(rng: np.random.Generator, n: int, t0: int = T0) -> tuple[np.ndarray, 
     return items, timestamps
 
 
-def pairs(seq: Sequence) -> Counter[tuple[int, int]]:
+def pairs(seq: UserSequence) -> Counter[tuple[int, int]]:
     """The multiset of (item, timestamp) of a sequence."""
     return Counter(zip(seq.items.tolist(), seq.timestamps.tolist(), strict=True))
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import redis
 
-from feature_store.base import FeatureStore, Sequence
+from feature_store.base import FeatureStore, UserSequence
 from feature_store.errors import FeatureStoreUnavailable
 from feature_store.factory import open_feature_store
 from tests.feature_store.helpers import T0, events, pairs
@@ -32,7 +32,7 @@ def every_call(store: FeatureStore) -> list[Callable[[], Awaitable[object]]]:
         lambda: store.read_sequence("u"),
         lambda: store.read_users(["u", "v"]),
         lambda: store.append_events("u", *one),
-        lambda: store.replace_sequences({"u": Sequence(*one)}),
+        lambda: store.replace_sequences({"u": UserSequence(*one)}),
         lambda: store.write_fm_embeddings("v1", ["u"], np.ones((1, 2))),
         lambda: store.set_active_fm_version("v1"),
         store.active_fm_version,
@@ -103,7 +103,7 @@ async def test_paused_server_times_out_then_answers_correctly(redis_process: Red
     rng = np.random.default_rng(11)
     a, b = events(rng, 500), events(rng, 300)
     try:
-        await store.replace_sequences({"a": Sequence(*a), "b": Sequence(*b)})
+        await store.replace_sequences({"a": UserSequence(*a), "b": UserSequence(*b)})
         with redis.Redis.from_url(redis_process.url) as raw:
             raw.execute_command("CLIENT", "PAUSE", 800, "ALL")
             paused_at = time.monotonic()
@@ -116,7 +116,7 @@ async def test_paused_server_times_out_then_answers_correctly(redis_process: Red
         for _ in range(3):
             got_a, got_b = await store.read_users(["a", "b"])
             np.testing.assert_array_equal(got_a.sequence.items, a[0])
-            extra = pairs(got_b.sequence) - pairs(Sequence(*b))
+            extra = pairs(got_b.sequence) - pairs(UserSequence(*b))
             assert len(got_b.sequence) - len(b[0]) == sum(extra.values()) <= 1
             assert set(extra) <= {(5, T0)}
     finally:

@@ -11,7 +11,7 @@ import redis
 from redis.crc import key_slot
 
 from feature_store import codec
-from feature_store.base import FeatureStore, FmStatus, Sequence
+from feature_store.base import FeatureStore, FmStatus, UserSequence
 from feature_store.errors import CorruptFeatureData, InvalidFeatureData
 from feature_store.redis_store import RedisFeatureStore
 from tests.feature_store.conftest import StoreFactory
@@ -46,7 +46,7 @@ async def test_replace_sorts_stably_caps_and_replaces(make_store: StoreFactory) 
     await store.append_events("u", *events(rng, 10))
     items = np.arange(80, dtype=np.int64)
     ts = rng.integers(T0, T0 + 20, 80)  # many ties: the stable order must be kept among them
-    await store.replace_sequences({"u": Sequence(items, ts), "gone": Sequence.empty()})
+    await store.replace_sequences({"u": UserSequence(items, ts), "gone": UserSequence.empty()})
     order = np.argsort(ts, kind="stable")
     seq = await store.read_sequence("u")
     np.testing.assert_array_equal(seq.items, items[order][-50:])
@@ -222,7 +222,7 @@ async def test_fm_keeps_only_the_new_and_the_active_version(store: FeatureStore)
 async def test_read_users_of_32_users_in_order(store: FeatureStore) -> None:
     rng = np.random.default_rng(5)
     users = [f"user-{i}" for i in range(32)]
-    seqs = {u: Sequence(*events(rng, int(rng.integers(0, 300)))) for u in users}
+    seqs = {u: UserSequence(*events(rng, int(rng.integers(0, 300)))) for u in users}
     await store.replace_sequences(seqs)
     vectors = rng.standard_normal((32, 16)).astype(np.float32)
     await store.write_fm_embeddings("v1", users[::2], vectors[::2])
@@ -269,7 +269,9 @@ async def test_corrupt_sequence_is_typed_counted_and_isolated(
     store: FeatureStore, raw_redis: RawClient
 ) -> None:
     rng = np.random.default_rng(6)
-    await store.replace_sequences({"good": Sequence(*events(rng, 20)), "good2": Sequence(*events(rng, 3))})
+    await store.replace_sequences(
+        {"good": UserSequence(*events(rng, 20)), "good2": UserSequence(*events(rng, 3))}
+    )
     plant_sequence(store, raw_redis, "bad", b"\x00" * 13)  # not a whole number of 12-byte records
     with pytest.raises(CorruptFeatureData, match="'bad'") as err:
         await store.read_sequence("bad")
@@ -290,7 +292,7 @@ async def test_corrupt_sequence_is_typed_counted_and_isolated(
     with pytest.raises(CorruptFeatureData):
         await store.read_sequence("bad", max_len=10)
     # Replacing the value repairs the user.
-    await store.replace_sequences({"bad": Sequence(np.array([9]), np.array([T0]))})
+    await store.replace_sequences({"bad": UserSequence(np.array([9]), np.array([T0]))})
     assert (await store.read_sequence("bad")).items.tolist() == [9]
 
 
@@ -341,3 +343,52 @@ async def test_invalid_writes_are_refused_and_write_nothing(store: FeatureStore)
     assert len(feat.sequence) == 0 and feat.fm.status is FmStatus.MISS
     with pytest.raises(ValueError):
         await store.read_sequence("u", max_len=-1)
+
+
+async def test_lifelong_histories_up_to_the_cap(make_store: StoreFactory) -> None:
+    # a cap of 100,000 events (1.2 MB per user): stored, read whole or at a depth, capped on append
+    store = make_store(max_len=100_000)
+    rng = np.random.default_rng(21)
+    items, ts = events(rng, 100_000)
+    await store.replace_sequences({"life": UserSequence(items, ts)})
+    (feat,) = await store.read_users(["life"])
+    np.testing.assert_array_equal(feat.sequence.items, items)
+    np.testing.assert_array_equal(feat.sequence.timestamps, ts)
+    (deep,) = await store.read_users(["life"], max_len=2_000)
+    np.testing.assert_array_equal(deep.sequence.items, items[-2_000:])
+    more_items, more_ts = events(rng, 500, t0=int(ts[-1]) + 1)
+    assert await store.append_events("life", more_items, more_ts) == 100_000
+    seq = await store.read_sequence("life")
+    np.testing.assert_array_equal(seq.items, np.r_[items[500:], more_items])
+
+
+async def test_the_cap_is_bounded() -> None:
+    from feature_store.base import MAX_LEN_LIMIT
+    from feature_store.factory import open_feature_store
+
+    assert open_feature_store(None, max_len=MAX_LEN_LIMIT).max_len == MAX_LEN_LIMIT >= 100_000
+    for bad in (0, MAX_LEN_LIMIT + 1):
+        with pytest.raises(ValueError, match="max_len"):
+            open_feature_store(None, max_len=bad)
+
+
+@pytest.mark.parametrize("backend", ["redis", "cluster"], indirect=True)
+async def test_appends_at_the_cap_trim_in_steps(make_store: StoreFactory, raw_redis: RawClient) -> None:
+    from feature_store.redis_store import TRIM_SLACK_SHARE
+
+    cap = 160
+    slack = cap // TRIM_SLACK_SHARE
+    store = make_store(max_len=cap)
+    assert isinstance(store, RedisFeatureStore) and raw_redis is not None
+    rng = np.random.default_rng(22)
+    items, ts = events(rng, cap + 3 * slack)
+    await store.replace_sequences({"full": UserSequence(items[:cap], ts[:cap])})
+    stored = []
+    for i in range(cap, len(items)):
+        # a full history: every append reports the cap and every read returns the newest cap events
+        assert await store.append_events("full", items[i : i + 1], ts[i : i + 1]) == cap
+        np.testing.assert_array_equal((await store.read_sequence("full")).items, items[i + 1 - cap : i + 1])
+        stored.append(int(raw_redis.strlen(store.keys.sequence("full"))) // codec.EVENT_BYTES)
+    # the stored value runs at most `slack` events past the cap, then is cut back to the cap
+    assert stored[: slack + 1] == [*range(cap + 1, cap + slack + 1), cap]
+    assert max(stored) == cap + slack and stored.count(cap) == len(stored) // (slack + 1)

@@ -7,7 +7,7 @@ import pytest
 
 from exporters.bundle import load_bundle
 from service.core.pipeline import FmUse, ScoringModel, fm_input, prepare_job, score_jobs
-from service.core.ranking import FeedPool, RankInput, rank_batch
+from service.core.ranking import FeedPool, RankInput, distinct_positions, rank_batch, rank_input
 from service.core.runtime import CPU, CUDA, DeviceUnavailable, choose_providers, session_options
 from service.core.search import Stage1Engine
 from tests.conftest import TinyModels
@@ -44,12 +44,16 @@ def model(tiny_models: TinyModels) -> ScoringModel:
 
 
 def _random_inputs(rng: np.random.Generator, n_items: int, k: int, fm_dim: int, n: int) -> list[RankInput]:
+    """Requests as stage 1 leaves them: per candidate kk <= k distinct positions into a sequence of L."""
     out = []
     for _ in range(n):
-        c, kk = int(rng.integers(1, 30)), int(rng.integers(0, k + 1))
+        c, length = int(rng.integers(1, 30)), int(rng.integers(0, 3 * k))
+        kk = int(rng.integers(0, min(k, length) + 1))
+        positions = np.stack([rng.choice(length, kk, replace=False) for _ in range(c)])
+        scores = rng.normal(0, 3, (c, kk)).astype(np.float32)
         fm = rng.normal(size=fm_dim).astype(np.float32) if rng.random() < 0.5 else None
-        out.append(RankInput(rng.integers(0, n_items, c), rng.integers(0, n_items, (c, kk)),
-                             rng.integers(0, 64, (c, kk)), fm))  # fmt: skip
+        rows, buckets = rng.integers(0, n_items, length), rng.integers(0, 64, length)
+        out.append(rank_input(rng.integers(0, n_items, c), rows, buckets, positions, scores, fm))
     return out
 
 
@@ -57,31 +61,67 @@ def test_batch_padding_never_changes_a_request(model: ScoringModel) -> None:
     rng = np.random.default_rng(0)
     m = model.bundle.manifest
     inputs = _random_inputs(rng, m.n_items, m.top_k, m.dims.fm, 12)
+    assert len({len(x.beh_rows) for x in inputs}) > 3, "requests should differ in distinct behaviors"
     together = rank_batch(model.bundle.session, model.feeds, inputs)
     for x, out in zip(inputs, together, strict=True):
         alone = rank_batch(model.bundle.session, model.feeds, [x])[0]
         assert np.array_equal(alone.probabilities, out.probabilities)
         assert np.array_equal(alone.attention, out.attention)
-        assert out.attention.shape == x.beh_rows.shape
+        assert out.attention.shape == x.retrieved.shape
+
+
+@pytest.mark.parametrize("length,c,k", [(0, 3, 0), (1, 2, 1), (50, 7, 16), (5000, 40, 16)])
+def test_distinct_positions_match_np_unique(length: int, c: int, k: int) -> None:
+    rng = np.random.default_rng(length)
+    positions = np.stack([rng.choice(length, k, replace=False) for _ in range(c)]).reshape(c, k)
+    distinct, index = distinct_positions(positions, length)
+    want, inverse = np.unique(positions, return_inverse=True)
+    np.testing.assert_array_equal(distinct, want)
+    np.testing.assert_array_equal(index, inverse.reshape(c, k))
+    assert index.dtype == np.int64 and distinct[index].tolist() == positions.tolist()
+
+
+def test_rank_input_keeps_each_distinct_behavior_once() -> None:
+    rows, buckets = np.array([10, 11, 12, 13, 10]), np.array([0, 1, 2, 3, 4])
+    positions = np.array([[4, 1], [1, 3]])
+    x = rank_input(np.array([7, 8]), rows, buckets, positions, np.ones((2, 2)), None)
+    assert x.beh_rows.tolist() == [11, 13, 10] and x.beh_buckets.tolist() == [1, 3, 4]
+    assert x.retrieved.tolist() == [[2, 0], [0, 1]] and x.scores.dtype == np.float32
 
 
 def test_feed_pool_grows_and_reuses() -> None:
-    pool = FeedPool(top_k=4, fm_dim=2, rows=2, batch=1)
-    x = RankInput(np.ones(3, np.int64), np.ones((3, 2), np.int64), np.zeros((3, 2), np.int64), None)
-    feeds, buf = pool.feeds([x, x])
-    assert feeds["behaviors"].shape == (2, 3, 4) and feeds["behaviors"].flags.c_contiguous
+    pool = FeedPool(top_k=4, fm_dim=2, rows=2, batch=1, distinct=2)
+    x = rank_input(np.ones(3, np.int64), np.arange(5), np.zeros(5, np.int64),
+                   np.array([[0, 4], [4, 1], [2, 0]]), np.ones((3, 2)), None)  # fmt: skip
+    cold = rank_input(np.ones(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64),
+                      np.zeros((1, 0), np.int64), np.zeros((1, 0)), None)  # fmt: skip
+    feeds, buf = pool.feeds([x, cold])
+    assert feeds["retrieved"].shape == (2, 3, 4) and feeds["retrieved"].flags.c_contiguous
+    assert feeds["behaviors"].shape == (2, 4) and feeds["behaviors"].flags.c_contiguous
+    assert feeds["behaviors"][0].tolist() == [0, 1, 2, 4] and feeds["behaviors"][1].tolist() == [0, 0, 0, 0]
+    assert feeds["retrieved"][0].tolist() == [[0, 3, 0, 0], [3, 1, 0, 0], [2, 0, 0, 0]]
     assert feeds["mask"][0, :, 2:].sum() == 0 and feeds["mask"][0, :, :2].all()
-    assert buf.rows >= 6 and feeds["fm_present"].tolist() == [0.0, 0.0]
+    assert feeds["mask"][1].sum() == 0 and feeds["candidates"][1].tolist() == [1, 0, 0]
+    assert buf.rows >= 6 and buf.distinct >= 8 and feeds["fm_present"].tolist() == [0.0, 0.0]
     pool.give_back(buf)
     small, again = pool.feeds([x])
-    assert again is buf and small["candidates"].shape == (1, 3)
+    assert again is buf and small["candidates"].shape == (1, 3) and small["behaviors"].shape == (1, 4)
+    pool.give_back(again)
+    only_cold, _ = pool.feeds([cold])
+    assert only_cold["behaviors"].shape == (1, 1), "the graph always gets a behavior to gather"
 
 
 def test_rank_batch_checks_shapes(model: ScoringModel) -> None:
     k = model.top_k
-    bad = RankInput(np.ones(2, np.int64), np.ones((2, k + 1), np.int64), np.ones((2, k + 1), np.int64), None)
+    rows = np.arange(k + 1)
+    wide = RankInput(
+        np.ones(2, np.int64), rows, rows, np.ones((2, k + 1), np.int64), np.ones((2, k + 1)), None
+    )
     with pytest.raises(ValueError, match="behaviors per candidate"):
-        rank_batch(model.bundle.session, model.feeds, [bad])
+        rank_batch(model.bundle.session, model.feeds, [wide])
+    outside = RankInput(np.ones(1, np.int64), rows[:2], rows[:2], np.array([[0, 2]]), np.ones((1, 2)), None)
+    with pytest.raises(ValueError, match=r"retrieved indices outside \[0, 2\)"):
+        rank_batch(model.bundle.session, model.feeds, [outside])
 
 
 def test_both_stages_for_cold_and_long_users(model: ScoringModel) -> None:

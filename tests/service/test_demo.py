@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+import uuid
 from pathlib import Path
 
 import pytest
+import redis
 
 from service import demo
 from tests.redis_proc import free_port
@@ -56,7 +58,17 @@ def test_demo_smoke_passes_and_rerun_reuses(
 
 
 def test_demo_on_redis(
-    tiny_demo: None, tmp_path: Path, redis_url: str, capsys: pytest.CaptureFixture[str]
+    tiny_demo: None,
+    tmp_path: Path,
+    redis_url: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # The server reads DARE_REDIS_NAMESPACE: the demo must fill the store under the same one.
+    namespace = f"demo-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("DARE_REDIS_NAMESPACE", namespace)
     assert demo.run_demo(tmp_path / "demo", "127.0.0.1", free_port(), redis_url, smoke=True) == 0
     assert "smoke passed" in capsys.readouterr().out
+    with redis.Redis.from_url(redis_url) as raw:
+        assert raw.get(f"{namespace}:fm:active") == b"fm:1"
+        assert len(list(raw.scan_iter(match=f"{namespace}:seq:{{*", count=1000))) >= 120

@@ -12,7 +12,7 @@ import pytest
 
 from exporters.fm_embed import UserEmbeddings, write_embeddings_file
 from exporters.offline import load_torch_model, score_offline
-from feature_store.base import Sequence
+from feature_store.base import UserSequence
 from feature_store.factory import open_feature_store
 from service.app import create_app
 from tests.conftest import TinyModels
@@ -24,7 +24,7 @@ ATOL = 1e-5
 async def _write(url: str, ns: str, user: str, items, ts, version: str, vec, written_at: float) -> None:
     store = open_feature_store(url, timeout_s=5.0, namespace=ns)
     try:
-        await store.replace_sequences({user: Sequence(items, ts)})
+        await store.replace_sequences({user: UserSequence(items, ts)})
         await store.write_fm_embeddings(version, [user], vec[None], written_at=written_at)
         await store.set_active_fm_version("fm:1")
     finally:

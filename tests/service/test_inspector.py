@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from exporters.bundle import load_bundle
+from feature_store.base import MAX_LEN_LIMIT
 from service.app import create_app
 from service.routes.inspector import EXAMPLE_ITEMS, EXAMPLE_USERS
 from tests.conftest import TinyModels
@@ -50,7 +51,7 @@ def test_sequence_sees_appended_events_and_odd_user_ids(client: TestClient) -> N
 
 def test_sequence_rejects_bad_parameters(client: TestClient, served: ServedData) -> None:
     user = served.users[0]
-    for limit in ("0", "10001", "ten"):
+    for limit in ("0", str(MAX_LEN_LIMIT + 1), "ten"):
         r = client.get(f"/v1/users/{user}/sequence", params={"limit": limit})
         assert is_problem(r, 422), (limit, r.text)
         assert r.json()["errors"][0]["loc"] == ["query", "limit"]

@@ -212,7 +212,7 @@ def test_inspector_shows_what_the_api_answers(server: Server, browser: Any) -> N
             assert got == expected and len(got) == models[variant]["top_k"]
 
     # The timeline: every behavior a model reads, and candidate 0's retrieved ones (selected first).
-    window = max(m["max_seq_len"] for m in models.values())
+    window = min(10_000, max(m["search_depth"] for m in models.values()))
     sequence = httpx.get(f"{server.base}/v1/users/{user}/sequence", params={"limit": window}).json()
     assert shown["ticks"] == len(sequence["events"]) == min(window, counts[user])
     assert shown["candidateTicks"] == sum(e["item_id"] == candidates[0] for e in sequence["events"]) > 0

@@ -6,9 +6,43 @@ import json
 import re
 from pathlib import Path
 
+from typer.testing import CliRunner
+
+from service.cli import app
 from tests.service.conftest import ServedData, TestClient
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "service.md"
+# The published contract, checked in; any change to the live schema shows up as a diff against it.
+SNAPSHOT = Path(__file__).with_name("openapi.json")
+REGENERATE = ".venv/bin/dare-serve openapi --out tests/service/openapi.json"
+
+
+def differences(live: object, pinned: object, at: str = "") -> list[str]:
+    """Where two JSON values differ, one line per place (keys joined with ' > ')."""
+    if isinstance(live, dict) and isinstance(pinned, dict):
+        found = []
+        for key in sorted(set(live) | set(pinned)):
+            where = f"{at} > {key}" if at else key
+            if key not in live:
+                found.append(f"{where}: only in the snapshot")
+            elif key not in pinned:
+                found.append(f"{where}: only in the live schema")
+            else:
+                found += differences(live[key], pinned[key], where)
+        return found
+    return [] if live == pinned else [f"{at}: snapshot {pinned!r}, live {live!r}"]
+
+
+def test_openapi_is_the_checked_in_contract(client: TestClient) -> None:
+    found = differences(client.get("/openapi.json").json(), json.loads(SNAPSHOT.read_text()))
+    listed = "\n  ".join(found[:20])
+    assert not found, f"the API contract changed:\n  {listed}\nif deliberate, regenerate: {REGENERATE}"
+
+
+def test_openapi_command_prints_the_served_schema(client: TestClient) -> None:
+    result = CliRunner().invoke(app, ["openapi"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == client.get("/openapi.json").json()
 
 
 def test_openapi_lists_the_contract(client: TestClient) -> None:

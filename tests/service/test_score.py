@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,8 +12,9 @@ import pytest
 
 from exporters.bundle import read_manifest
 from exporters.offline import load_torch_model, score_offline
+from service.app import create_app
 from tests.conftest import TinyModels
-from tests.service.conftest import ServedData, score
+from tests.service.conftest import ServedData, TestClient, score
 
 # ONNX Runtime vs PyTorch float32 kernels: differences stay far below this (seen: ~1e-7).
 PARITY_ATOL = 1e-5
@@ -28,9 +30,14 @@ class Oracle:
     max_seq_len: int
 
     def scores(self, served: ServedData, user: str, cands: list[int], fm: np.ndarray | None) -> np.ndarray:
-        items, ts = served.history(user)
-        n = self.max_seq_len  # the service reads the newest max_seq_len behaviors
-        return score_offline(self.model, self.item_ids, items[-n:], ts[-n:], np.array(cands), served.now, fm)
+        items, ts = served.history(user)  # all of it: the service reads everything the store keeps
+        return self.scores_over(items, ts, cands, served.now, fm, len(items))
+
+    def scores_over(
+        self, items: np.ndarray, ts: np.ndarray, cands: list[int], now: int, fm: np.ndarray | None, depth: int
+    ) -> np.ndarray:
+        """Scores over the newest `depth` behaviors, as the service reads them."""
+        return score_offline(self.model, self.item_ids, items[-depth:], ts[-depth:], np.array(cands), now, fm)
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +74,7 @@ def test_scores_match_the_offline_model(
     body = r.json()
     assert body["variant"] == variant and body["model_version"] == "1"
     assert body["user"]["fm_embedding"] == ("hit" if with_fm else "miss")
-    n_hist = len(served.history(user)[0])
-    assert body["user"]["sequence_length"] == min(n_hist, oracles[variant].max_seq_len) > 16
+    assert body["user"]["sequence_length"] == len(served.history(user)[0]) > 16
     assert body["unknown_items"] == 1
     want = oracles[variant].scores(served, user, cands, served.fm_vectors.get(user))
     np.testing.assert_allclose(body["scores"], want, rtol=0, atol=PARITY_ATOL)
@@ -76,6 +82,35 @@ def test_scores_match_the_offline_model(
     if with_fm:  # the embedding really reached the ranker: without it the scores differ
         missing = oracles[variant].scores(served, user, cands, None)
         assert np.abs(np.asarray(body["scores"]) - missing).max() > 1e-4
+
+
+def test_a_history_longer_than_the_training_window_is_read_whole(
+    client: Any, served: ServedData, oracles: dict[str, Oracle], make_settings: Any
+) -> None:
+    # 1,000 behaviors against a training window of 300: every one is read and searched by default
+    rng = np.random.default_rng(11)
+    user, n = f"lifelong-{uuid.uuid4().hex[:8]}", 1_000
+    items = rng.choice(np.array(served.items), n)
+    times = served.now - 3600 - 60 * np.arange(n, dtype=np.int64)[::-1]
+    events = [{"item_id": int(i), "timestamp": int(t)} for i, t in zip(items, times, strict=True)]
+    assert client.post("/v1/events", json={"user_id": user, "events": events}).status_code == 200
+    cands = _candidates(served, 30, seed=4)
+    for variant in ("dare", "coupled"):
+        assert oracles[variant].max_seq_len < n
+        r = score(client, user, cands, variant, timestamp=served.now)
+        assert r.json()["user"]["sequence_length"] == n
+        assert f'desc="{n} behaviors"' in r.headers["server-timing"]
+        want = oracles[variant].scores_over(items, times, cands, served.now, None, n)
+        np.testing.assert_allclose(r.json()["scores"], want, rtol=0, atol=PARITY_ATOL)
+    # DARE_SEARCH_DEPTH and the per-variant override: only the newest that many are read
+    with TestClient(create_app(make_settings(search_depth=700, variant_search_depth="dare=250"))) as c:
+        depths = {m["variant"]: m["search_depth"] for m in c.get("/v1/models").json()["variants"]}
+        assert depths == {"dare": 250, "coupled": 700}
+        for variant, depth in depths.items():
+            r = score(c, user, cands, variant, timestamp=served.now)
+            assert r.json()["user"]["sequence_length"] == depth
+            want = oracles[variant].scores_over(items, times, cands, served.now, None, depth)
+            np.testing.assert_allclose(r.json()["scores"], want, rtol=0, atol=PARITY_ATOL)
 
 
 def test_the_two_arms_are_different_models(client: Any, served: ServedData) -> None:
@@ -146,10 +181,12 @@ def test_response_headers(client: Any, served: ServedData) -> None:
     assert r.headers["x-request-id"] == "req-123" and r.json()["request_id"] == "req-123"
     assert r.headers["x-model-variant"] == "coupled" and r.headers["x-model-version"] == "1"
     timing = dict(
-        (part.split(";dur=")[0].strip(), float(part.split(";dur=")[1]))
+        (part.split(";dur=")[0].strip(), float(part.split(";dur=")[1].split(";")[0]))
         for part in r.headers["server-timing"].split(",")
     )
     assert {"feature", "search", "rank"} <= set(timing) and all(v >= 0 for v in timing.values())
+    read = r.json()["user"]["sequence_length"]
+    assert f'search;dur={timing["search"]:.3f};desc="{read} behaviors"' in r.headers["server-timing"]
     generated = score(client, served.users[0], served.items[:2]).headers["x-request-id"]
     assert re.fullmatch(r"[0-9a-f]{32}", generated)
     # a header value that is not a sane token is replaced, not echoed

@@ -1,26 +1,142 @@
-"""Stage 1: the threshold search and the engine against plain faiss.knn (the oracle)."""
+"""Stage 1: the top-k kernel against a numpy oracle, the search and the engine against exact search."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
-from service.core.search import Stage1Engine, knn_plain, knn_threshold, search_keys, search_queries
-
-
-def _same(res, ref) -> None:
-    assert res.positions.shape == ref.positions.shape
-    np.testing.assert_allclose(res.scores, ref.scores, rtol=0, atol=1e-5)
-    # where scores tie exactly, either tied element is a right answer; elsewhere positions agree
-    for row in range(len(ref.positions)):
-        got = dict(zip(res.positions[row], res.scores[row], strict=True))
-        want = dict(zip(ref.positions[row], ref.scores[row], strict=True))
-        if len(set(ref.scores[row])) == len(ref.scores[row]):
-            assert list(res.positions[row]) == list(ref.positions[row])
-        else:
-            assert sorted(got.values()) == pytest.approx(sorted(want.values()), abs=1e-5)
+from service.core.search import (
+    SearchResult,
+    Stage1Engine,
+    knn_exact,
+    knn_plain,
+    search_keys,
+    search_queries,
+)
+from service.core.topk import topk_rows
 
 
+def _oracle(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best first; among equal scores the lower position first (a stable sort of the negated scores)."""
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(scores, order, axis=1)
+
+
+def _topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    positions = np.full((len(scores), k), -1, np.int64)
+    values = np.full((len(scores), k), np.nan, np.float32)
+    topk_rows(np.ascontiguousarray(scores, np.float32), k, positions, values)
+    return positions, values
+
+
+# --- the kernel on given scores: exactly the oracle, ties included ---
+
+
+@st.composite
+def _score_rows(draw: st.DrawFn) -> tuple[np.ndarray, int]:
+    n_rows = draw(st.integers(1, 4))
+    length = draw(st.integers(1, 700))
+    k = draw(st.integers(1, length))
+    pool = draw(
+        st.sampled_from(
+            [
+                st.floats(-10, 10, width=32),
+                st.integers(-3, 3).map(float),  # many exact ties
+                st.sampled_from([-3.4e38, -1e30, -1.0, -0.0, 0.0, 1e30, 3.4e38]),
+                st.floats(width=32, allow_nan=False),  # infinities and extremes
+            ]
+        )
+    )
+    scores = draw(hnp.arrays(np.float32, (n_rows, length), elements=pool))
+    return scores, k
+
+
+@settings(max_examples=300, deadline=None)
+@given(_score_rows())
+def test_kernel_equals_oracle(case: tuple[np.ndarray, int]) -> None:
+    scores, k = case
+    positions, values = _topk(scores, k)
+    want_pos, want_val = _oracle(scores, k)
+    np.testing.assert_array_equal(positions, want_pos)
+    np.testing.assert_array_equal(values, want_val)
+
+
+@pytest.mark.parametrize("length", [10, 63, 64, 65, 127, 128, 129, 511, 1_000, 4_097, 20_000])
+@pytest.mark.parametrize("k", [1, 64, 250])
+def test_kernel_shapes_around_k(length: int, k: int) -> None:
+    k = min(k, length)
+    rng = np.random.default_rng(length * 1000 + k)
+    scores = rng.standard_normal((6, length)).astype(np.float32)
+    scores[1] -= 1_000.0  # all negative
+    scores[2] = np.round(scores[2])  # few distinct values
+    scores[3, ::3] = scores[3].max()  # a third of the row ties for first place
+    scores[4] = 0.0  # every score equal
+    scores[5, ::5] = 50.0  # a fifth ties below a few larger scores: the k-th place is among them
+    scores[5, rng.choice(length, min(k, length) // 3, replace=False)] = 100.0 + rng.random(
+        min(k, length) // 3
+    )
+    positions, values = _topk(scores, k)
+    want_pos, want_val = _oracle(scores, k)
+    np.testing.assert_array_equal(positions, want_pos)
+    np.testing.assert_array_equal(values, want_val)
+
+
+def test_kernel_signed_zeros_and_infinities_tie_by_position() -> None:
+    row = np.array([[0.0, -0.0, -np.inf, 5.0, -0.0, 0.0, np.inf, -np.inf, np.inf, 1e-45]], np.float32)
+    positions, values = _topk(row, 10)
+    np.testing.assert_array_equal(positions[0], [6, 8, 3, 9, 0, 1, 4, 5, 2, 7])
+    np.testing.assert_array_equal(values, row[:, positions[0]])
+    long_row = np.tile(row, (1, 300))  # long enough for the bound
+    positions, _ = _topk(long_row, 64)
+    np.testing.assert_array_equal(positions, _oracle(long_row, 64)[0])
+
+
+def test_kernel_never_writes_outside_the_row_on_nan() -> None:
+    rng = np.random.default_rng(3)
+    scores = rng.standard_normal((3, 2_000)).astype(np.float32)
+    scores[0, ::7] = np.nan
+    scores[1] = np.nan
+    positions, _ = _topk(scores, 64)
+    assert ((positions >= 0) & (positions < 2_000)).all()
+    assert all(len(set(row)) == 64 for row in positions)
+
+
+@pytest.mark.parametrize("k,out_shape", [(0, (2, 0)), (11, (2, 11)), (3, (2, 4)), (3, (1, 3))])
+def test_kernel_rejects_bad_k_and_shapes(k: int, out_shape: tuple[int, int]) -> None:
+    with pytest.raises(ValueError):
+        topk_rows(
+            np.zeros((2, 10), np.float32), k, np.zeros(out_shape, np.int64), np.zeros(out_shape, np.float32)
+        )
+
+
+# --- the search: inner products and selection against exact search ---
+
+
+def _assert_exact_topk(res: SearchResult, queries: np.ndarray, keys: np.ndarray, k: int) -> None:
+    """The k best keys of each query up to float32 rounding, best first, with their scores.
+
+    Another summation order moves a score by a few ulps, so keys whose scores lie that close to the
+    k-th may swap; elsewhere the set is exactly the float64 one.
+    """
+    k = min(k, len(keys))
+    assert res.positions.shape == res.scores.shape == (len(queries), k)
+    assert res.positions.dtype == np.int64 and res.scores.dtype == np.float32
+    exact = queries.astype(np.float64) @ keys.astype(np.float64).T
+    tol = 1e-5 + 1e-6 * np.abs(exact).max(initial=0.0)
+    for row, (pos, got) in enumerate(zip(res.positions, res.scores, strict=True)):
+        assert len(set(pos.tolist())) == k
+        np.testing.assert_allclose(got, exact[row, pos], rtol=0, atol=tol)
+        assert (np.diff(got) <= 0).all()
+        if k:
+            kth = np.sort(exact[row])[::-1][k - 1]
+            assert (exact[row, pos] >= kth - 2 * tol).all()
+            np.testing.assert_allclose(got, np.sort(exact[row])[::-1][:k], rtol=0, atol=2 * tol)
+
+
+@pytest.mark.parametrize("dim", [17, 65])
 @pytest.mark.parametrize(
     "n_q,length,k",
     [
@@ -31,54 +147,75 @@ def _same(res, ref) -> None:
         (3, 64, 64),
         (3, 10, 64),
         (1, 1, 64),
+        (1, 50, 64),
+        (10, 50, 64),
         (12, 5_000, 7),
         (4, 1_000, 250),
-        (9, 4_096, 64),
         (2, 50_000, 64),
     ],
 )
-def test_threshold_equals_faiss_knn(n_q: int, length: int, k: int) -> None:
-    rng = np.random.default_rng(length + k)
-    keys = rng.standard_normal((length, 17)).astype(np.float32)
-    queries = rng.standard_normal((n_q, 17)).astype(np.float32)
-    _same(knn_threshold(queries, keys, k), knn_plain(queries, keys, k))
+def test_search_is_exact(dim: int, n_q: int, length: int, k: int) -> None:
+    rng = np.random.default_rng(length + k + dim)
+    keys = rng.standard_normal((length, dim)).astype(np.float32)
+    queries = rng.standard_normal((n_q, dim)).astype(np.float32)
+    res = knn_exact(queries, keys, k)
+    _assert_exact_topk(res, queries, keys, k)
+    ref = knn_plain(queries, keys, k)
+    np.testing.assert_allclose(res.scores, ref.scores, rtol=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("length", [4_000, 12_000])  # the heap-scan and the survivor-filter paths
-def test_ties_and_repeated_behaviors(length: int) -> None:
-    rng = np.random.default_rng(0)
-    base = rng.standard_normal((40, 9)).astype(np.float32)
-    keys = base[rng.integers(0, 40, length)]  # every key repeated 100+ times: massive exact ties
-    queries = rng.standard_normal((20, 9)).astype(np.float32)
-    res, ref = knn_threshold(queries, keys, 64), knn_plain(queries, keys, 64)
-    # BLAS and FAISS may round the last bit differently; the chosen keys are the same multiset
-    np.testing.assert_allclose(res.scores, ref.scores, rtol=0, atol=1e-5)
-    chosen = np.sort(keys[res.positions].sum(-1), axis=1)
-    oracle = np.sort(keys[ref.positions].sum(-1), axis=1)
-    np.testing.assert_allclose(chosen, oracle, rtol=0, atol=1e-5)
+@settings(max_examples=60, deadline=None)
+@given(
+    n_q=st.integers(1, 10),
+    length=st.integers(1, 400),
+    dim=st.sampled_from([17, 65]),
+    k=st.sampled_from([1, 16, 64]),
+    scale=st.sampled_from([1e-3, 1.0, 1e3, 1e15]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_search_random_shapes(n_q: int, length: int, dim: int, k: int, scale: float, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    keys = (scale * rng.standard_normal((length, dim))).astype(np.float32)
+    queries = rng.standard_normal((n_q, dim)).astype(np.float32)
+    _assert_exact_topk(knn_exact(queries, keys, k), queries, keys, k)
+
+
+@pytest.mark.parametrize("dim", [17, 65])
+@pytest.mark.parametrize("length", [50, 4_000, 12_000])
+def test_ties_and_repeated_behaviors(dim: int, length: int) -> None:
+    rng = np.random.default_rng(dim + length)
+    # small integers: every inner product is exact in float32, so equal keys tie exactly whatever
+    # the summation order, and the lower positions must win
+    base = rng.integers(-3, 4, (40, dim)).astype(np.float32)
+    keys = base[rng.integers(0, 40, length)]
+    queries = rng.integers(-3, 4, (20, dim)).astype(np.float32)
+    res = knn_exact(queries, keys, 64)
+    want_pos, want_val = _oracle(queries @ keys.T, 64)
+    np.testing.assert_array_equal(res.positions, want_pos)
+    np.testing.assert_array_equal(res.scores, want_val)
 
 
 def test_empty_inputs() -> None:
     keys = np.zeros((0, 5), np.float32)
-    assert knn_threshold(np.ones((3, 5), np.float32), keys, 64).positions.shape == (3, 0)
-    assert knn_threshold(np.ones((0, 5), np.float32), np.ones((9, 5), np.float32), 4).positions.shape == (
-        0,
-        4,
-    )
+    assert knn_exact(np.ones((3, 5), np.float32), keys, 64).positions.shape == (3, 0)
+    assert knn_exact(np.ones((0, 5), np.float32), np.ones((9, 5), np.float32), 4).positions.shape == (0, 4)
 
 
-def test_engine_splits_and_reassembles() -> None:
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_engine_splits_and_reassembles(threads: int) -> None:
     rng = np.random.default_rng(1)
     pairs = [
         (rng.standard_normal((c, 17)).astype(np.float32), rng.standard_normal((n, 17)).astype(np.float32))
-        for c, n in [(200, 10_000), (3, 20), (150, 4_000), (1, 0)]
+        for c, n in [(200, 10_000), (3, 20), (150, 4_000), (1, 0), (0, 30), (7, 64)]
     ]
-    engine = Stage1Engine(threads=2)
+    engine = Stage1Engine(threads=threads)
     try:
-        for (q, keys), res in zip(pairs, engine.search(pairs, 64), strict=True):
-            _same(res, knn_plain(q, keys, 64))
+        results = engine.search(pairs, 64)
     finally:
         engine.close()
+    assert len(results) == len(pairs)
+    for (q, keys), res in zip(pairs, results, strict=True):
+        _assert_exact_topk(res, q, keys, 64)
     assert engine.faiss_device == "cpu"
 
 

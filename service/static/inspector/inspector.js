@@ -6,7 +6,7 @@
 const SVG_NS = "http://www.w3.org/2000/svg"; // an XML namespace name, never fetched
 const PALETTE = ["#1f77b4", "#e8710a", "#2ca02c", "#9467bd", "#d62728", "#8c564b"];
 const ITEM_ID = /^\d{1,19}$/;
-const STORE_MAX_EVENTS = 10000; // the sequence endpoint's largest `limit`
+const MAX_DRAWN_EVENTS = 10000; // the timeline draws at most this many of the newest behaviors
 const SUGGESTED = 8;
 
 const page = { models: [], exampleItems: [], colors: new Map(), last: null, selected: null };
@@ -125,14 +125,16 @@ async function loadModels() {
     return;
   }
   const table = el("table", { class: "models" });
-  const header = ["variant", "version", "model", "attention dim", "top-K", "max seq len", "traffic", "test AUC"];
+  const header = [
+    "variant", "version", "model", "attention dim", "top-K", "search depth", "train window", "traffic", "test AUC",
+  ];
   table.append(el("thead", {}, row("th", [...header, "execution providers"])));
   const tbody = el("tbody");
   for (const m of body.variants) {
     const auc = typeof m.metrics.auc === "number" ? m.metrics.auc.toFixed(4) : "n/a";
     tbody.append(
       row("td", [
-        swatch(m.variant), m.version, m.model, m.dims.attention, m.top_k, m.max_seq_len,
+        swatch(m.variant), m.version, m.model, m.dims.attention, m.top_k, m.search_depth, m.max_seq_len,
         `${(m.weight * 100).toFixed(0)} %`, auc, m.execution_providers.join(", "),
       ]),
     );
@@ -219,7 +221,7 @@ async function scoreAll(event) {
   const body =
     `{"user_id":${JSON.stringify(user)},"candidates":[${candidates.join(",")}],` +
     `"explain":true,"timestamp":${asOf}}`;
-  const limit = Math.min(STORE_MAX_EVENTS, Math.max(1, ...page.models.map((m) => m.max_seq_len)));
+  const limit = Math.min(MAX_DRAWN_EVENTS, Math.max(1, ...page.models.map((m) => m.search_depth)));
   setStatus("Scoring…");
   $("score").disabled = true;
   try {
@@ -379,7 +381,7 @@ function renderTimeline() {
   $("timeline-note").textContent =
     `${sequence.sequence_length} behaviors stored for ${user}${shown}. Grey ticks: behaviors (red: the ` +
     "selected candidate itself); circles: the behaviors retrieved for the selected candidate, " +
-    "sized by attention; shaded: the window each model reads (its max_seq_len newest).";
+    "sized by attention; shaded: the behaviors each model read and searched (the newest, up to its search depth).";
   if (!events.length) {
     container.append(el("p", { class: "muted", text: "No stored behaviors: a cold-start user." }));
     return;
@@ -413,7 +415,8 @@ function renderTimeline() {
   results.forEach((r, v) => {
     const y = TL.band + v * TL.lane;
     const lane = svg("g", { class: "lane", "data-variant": r.variant });
-    const windowStart = events.length > r.model.max_seq_len ? events[events.length - r.model.max_seq_len].timestamp : t0;
+    const read = r.body.user.sequence_length;
+    const windowStart = events.length > read ? events[events.length - read].timestamp : t0;
     lane.append(
       svg("rect", {
         x: x(windowStart).toFixed(2), y: y + 3, width: (x(t1) - x(windowStart)).toFixed(2), height: TL.lane - 6,
