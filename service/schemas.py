@@ -1,4 +1,4 @@
-"""API models (pydantic v2): the request and response bodies of the HTTP contract in DESIGN.md."""
+"""API models (pydantic v2): the request and response bodies of the HTTP contract in docs/service.md."""
 
 from __future__ import annotations
 

@@ -4,8 +4,8 @@ One FastAPI app with a plain `def` endpoint (FastAPI runs it in its worker threa
 no metrics, no middleware. Per request: one redis-py pipeline reads the newest `--read-depth`
 (default: the bundle's `max_seq_len`) behavior records of the user (GETRANGE) and the FM blob of
 the bundle's FM version (HGET), from the keys dare-serve's feature store writes; `np.searchsorted`
-maps raw ids to rows; `faiss.knn` finds each candidate's top K behaviors (exact inner product, time bias as an extra dimension); one
-`InferenceSession.run` scores. It imports nothing from this repository.
+maps raw ids to rows; `faiss.knn` finds each candidate's top K behaviors (exact inner product, time
+bias as an extra dimension); one `InferenceSession.run` scores. It imports nothing from this repository.
 
     OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/peer/plain_app.py \
         --bundle B --redis-url URL [--namespace bench] [--port 8001]

@@ -34,7 +34,7 @@ def test_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DARE_ADMIN_TOKEN", TOKEN)
     monkeypatch.setenv("DARE_BATCH_ENABLED", "false")
     monkeypatch.setenv("DARE_TRAIN_THREADS", "3")  # another command's variable is not an error
-    s = Settings()  # type: ignore[call-arg]
+    s = Settings()
     assert s.bundles == Path("/srv/bundles") and s.redis_dsn == "redis://cache:6380/2"
     assert s.variant_weights == {"dare": 0.7, "coupled": 0.3}
     assert s.admin_token is not None and s.admin_token.get_secret_value() == TOKEN
