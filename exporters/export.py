@@ -32,30 +32,17 @@ def _onnx_bytes(
         # the dynamo exporter is used only where the TorchScript one is gone.
         warnings.simplefilter("ignore")
         path = Path(tmp) / "model.onnx"
+        common: dict[str, Any] = {
+            "input_names": input_names,
+            "output_names": output_names,
+            "dynamic_axes": dynamic_axes,
+            "opset_version": OPSET,
+        }
         try:
-            torch.onnx.export(
-                module,
-                args,
-                path,
-                input_names=input_names,
-                output_names=output_names,
-                dynamic_axes=dynamic_axes,
-                opset_version=OPSET,
-                dynamo=False,
-            )
+            torch.onnx.export(module, args, path, dynamo=False, **common)
         except (TypeError, RuntimeError, NotImplementedError):
             path.unlink(missing_ok=True)
-            torch.onnx.export(
-                module,
-                args,
-                path,
-                input_names=input_names,
-                output_names=output_names,
-                dynamic_axes=dynamic_axes,
-                opset_version=OPSET,
-                dynamo=True,
-                external_data=False,
-            )
+            torch.onnx.export(module, args, path, dynamo=True, external_data=False, **common)
         return path.read_bytes()
 
 

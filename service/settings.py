@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import Field, RedisDsn, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -44,42 +45,38 @@ def _default_batch_concurrency() -> int:
     return min(64, max(2, available_cores()))
 
 
-def parse_weights(raw: str) -> dict[str, float]:
-    """Parse `dare=0.5,coupled=0.5` into a dict; raises ValueError naming the bad part."""
-    weights: dict[str, float] = {}
+T = TypeVar("T")
+
+
+def _parse_variant_map(
+    raw: str, what: str, example: str, convert: Callable[[str], T], noun: str
+) -> dict[str, T]:
+    """Parse `NAME=VALUE,...` per variant; raises ValueError naming the bad part."""
+    out: dict[str, T] = {}
     for part in (p.strip() for p in raw.split(",")):
         if not part:
             continue
         name, sep, value = part.partition("=")
         name = name.strip()
         if not sep or not is_variant_name(name):
-            raise ValueError(f"variant weight {part!r}: expected NAME=WEIGHT, e.g. dare=0.5")
-        if name in weights:
-            raise ValueError(f"variant {name!r} is weighted twice")
+            raise ValueError(f"variant {what} {part!r}: expected {example}")
+        if name in out:
+            raise ValueError(f"variant {name!r} has two {what}s")
         try:
-            weights[name] = float(value)
+            out[name] = convert(value)
         except ValueError:
-            raise ValueError(f"variant weight {part!r}: {value.strip()!r} is not a number") from None
-    return weights
+            raise ValueError(f"variant {what} {part!r}: {value.strip()!r} is not {noun}") from None
+    return out
+
+
+def parse_weights(raw: str) -> dict[str, float]:
+    """Parse `dare=0.5,coupled=0.5` into a dict; raises ValueError naming the bad part."""
+    return _parse_variant_map(raw, "weight", "NAME=WEIGHT, e.g. dare=0.5", float, "a number")
 
 
 def parse_depths(raw: str) -> dict[str, int]:
     """Parse `dare=5000,coupled=2000` into a dict; raises ValueError naming the bad part."""
-    depths: dict[str, int] = {}
-    for part in (p.strip() for p in raw.split(",")):
-        if not part:
-            continue
-        name, sep, value = part.partition("=")
-        name = name.strip()
-        if not sep or not is_variant_name(name):
-            raise ValueError(f"variant search depth {part!r}: expected NAME=BEHAVIORS, e.g. dare=5000")
-        if name in depths:
-            raise ValueError(f"variant {name!r} has two search depths")
-        try:
-            depths[name] = int(value)
-        except ValueError:
-            raise ValueError(f"variant search depth {part!r}: {value.strip()!r} is not an integer") from None
-    return depths
+    return _parse_variant_map(raw, "search depth", "NAME=BEHAVIORS, e.g. dare=5000", int, "an integer")
 
 
 class Settings(BaseSettings):
