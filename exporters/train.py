@@ -308,8 +308,9 @@ def optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 def cooccurrence_loss(
     model: TwoStageRanker, batch: Batch, window: int, anchors: int, rng: np.random.Generator
 ) -> torch.Tensor:
-    """In-batch contrastive loss on the attention table: a behavior must pick, among the batch's
-    sampled neighbours, the one that follows it within `window` positions in its own history.
+    """In-batch contrastive loss on the attention table: a sampled behavior must pick, among the
+    batch's sampled neighbours, the one that came at most `window` positions before it in its own
+    history.
 
     It is the self-supervised objective of the item vectors, kept up during ranker training, so that
     the attention table keeps arranging items by what goes together instead of drifting under the
