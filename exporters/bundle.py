@@ -158,7 +158,12 @@ class TensorSpec:
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Bundle:
-    """A verified bundle, ready to serve: arrays in memory, the ONNX session and FAISS index open."""
+    """A verified bundle, ready to serve: arrays in memory and the ONNX session open.
+
+    A ranker's attention table is read from its FAISS index once, at load: stage 1 searches those
+    rows directly (the engine's compiled top-K on CPU, FAISS's brute-force kernel on GPU), so the
+    index itself is not kept, and the table is not held twice.
+    """
 
     path: Path
     manifest: Manifest
@@ -169,7 +174,6 @@ class Bundle:
     outputs: tuple[TensorSpec, ...]
     attention: np.ndarray | None = None  # [n_items, d_attention] float32, the FAISS index's rows
     time_bias: np.ndarray | None = None  # [n_time_buckets] float32
-    index: Any = None  # faiss.IndexFlatIP
 
     @property
     def variant(self) -> str:
@@ -368,6 +372,4 @@ def load_bundle(
     if not np.isfinite(attention).all():
         raise BundleError(f"{path}/attention.faiss: non-finite attention vectors")
     time_bias = _load_array(path / "time_bias.npy", np.float32, (manifest.n_time_buckets,))
-    return Bundle(
-        path, manifest, item_ids, item_categories, session, inputs, outputs, attention, time_bias, index
-    )
+    return Bundle(path, manifest, item_ids, item_categories, session, inputs, outputs, attention, time_bias)

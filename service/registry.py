@@ -168,7 +168,8 @@ class ModelRegistry:
             for variant_dir in await asyncio.to_thread(self._variant_dirs):
                 variant = variant_dir.name
                 serving = current.models.get(variant)
-                for path in reversed(list_versions(variant_dir)):
+                # listing a folder is file-system I/O: off the event loop, like the loads
+                for path in reversed(await asyncio.to_thread(list_versions, variant_dir)):
                     if serving is not None and path.name == serving.version:
                         break  # the newest valid version already serves
                     sig = await asyncio.to_thread(_signature, path)
