@@ -35,13 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from benchmarks._common import dare_serve_cli, machine_line, md_table, pct, print_lines  # noqa: E402
+from benchmarks._common import dare_serve_cli, machine_line, md_table, pct, print_lines
 
 if TYPE_CHECKING:
     from exporters.samples import ItemVocab, Samples

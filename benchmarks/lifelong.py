@@ -25,15 +25,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import httpx
+import numpy as np
+import pandas as pd
 
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from benchmarks._common import dare_serve_cli, dare_server, machine_line, md_table, print_lines  # noqa: E402
+from benchmarks._common import dare_serve_cli, dare_server, machine_line, md_table, print_lines
 
 LONG = 100_000
 APPEND = 10_000  # events per POST /v1/events (its largest)

@@ -13,28 +13,23 @@ near-tied K-th behaviors, see `compare_scores`). Then 1, 8 and 32 closed-loop cl
 candidates per request, the two servers alternating in rounds. CPU: each server's own process
 (user + system time, what psutil's `cpu_times` reads) per request. Fixed seeds and sizes; not a test.
 
-    .venv/bin/python benchmarks/plain_peer.py [--quick] [--bundles ROOT] [--workdir DIR]
+    .venv/bin/python -m benchmarks.plain_peer [--quick] [--bundles ROOT] [--workdir DIR]
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):
-    # Run as a file, this folder would shadow the repository's packages; put the root first.
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+import numpy as np
 
-import argparse  # noqa: E402
-import os  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from benchmarks._common import (  # noqa: E402
+from benchmarks._common import (
     ROOT,
     Server,
     dare_server,
@@ -53,9 +48,9 @@ from benchmarks._workload import (
     describe,
     fill_redis,
     make_workload,
-)  # noqa: E402
-from benchmarks.ray_peer import scores_of  # noqa: E402
-from benchmarks.server_concurrency import DEFAULT_WORKDIR, Point, Sizes, compute_times, sweep  # noqa: E402
+)
+from benchmarks.ray_peer import scores_of
+from benchmarks.server_concurrency import DEFAULT_WORKDIR, Point, Sizes, compute_times, sweep
 
 PLAIN_APP = ROOT / "benchmarks" / "peer" / "plain_app.py"
 CONCURRENCY = (1, 8, 32)

@@ -1,7 +1,7 @@
 """Stage-1 retrieval metrics on synthetic data: what the MI ground truth and the planted truth say about
 reference rankings, in both theme layouts, and how long the metrics take at scale.
 
-    .venv/bin/python benchmarks/retrieval_metrics.py [--users 2000] [--k 64] [--scale-impressions 100000]
+    .venv/bin/python -m benchmarks.retrieval_metrics [--users 2000] [--k 64] [--scale-impressions 100000]
 
 Rankings compared (no model needed): the planted oracle (related behaviors first, then newest), same
 category as the target first (then newest), newest first, and a seeded random order.
@@ -9,21 +9,16 @@ category as the target first (then newest), newest first, and a seeded random or
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import argparse
+import time
+from dataclasses import replace
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-import argparse  # noqa: E402
-import time  # noqa: E402
-from dataclasses import replace  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from exporters.dataset import Dataset  # noqa: E402
-from exporters.retrieval import MiTable, csr_take, mi_ndcg, planted_metrics  # noqa: E402
-from exporters.samples import TEST, TRAIN, build_samples, build_vocab, related_positions  # noqa: E402
-from exporters.synth import SynthConfig, generate, signal_report  # noqa: E402
+from exporters.dataset import Dataset
+from exporters.retrieval import MiTable, csr_take, mi_ndcg, planted_metrics
+from exporters.samples import TEST, TRAIN, build_samples, build_vocab, related_positions
+from exporters.synth import SynthConfig, generate, signal_report
 
 
 def _rank(score: np.ndarray, start: np.ndarray, end: np.ndarray, k: int) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Stage-2 benchmark: the per-pair graph of bundle format 1 against the current graph, side by side.
 
-    .venv/bin/python benchmarks/stage2.py [--reps 30] [--rounds 5] [--batch 8]
+    .venv/bin/python -m benchmarks.stage2 [--reps 30] [--rounds 5] [--batch 8]
 
 The same random-weight DARE ranker at serving size (K=64, attention d=16, representation d=64,
 FM d=32, as in benchmarks/service_latency.py) exported twice:
@@ -25,24 +25,17 @@ dense [C, U] weight matrix scattered from the slots' weights times the [U, d] re
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import argparse
+import platform
+from collections.abc import Callable
 
-if __package__ in (None, ""):
-    # Run as a file, this folder would shadow the repository's packages; put the root first.
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
 
-import argparse  # noqa: E402
-import platform  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-
-import numpy as np  # noqa: E402
-import onnxruntime as ort  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from benchmarks._common import machine_line, md_table, print_lines, samples_ms  # noqa: E402
-from benchmarks.service_latency import (  # noqa: E402
+from benchmarks._common import machine_line, md_table, print_lines, samples_ms
+from benchmarks.service_latency import (
     ATTENTION_DIM,
     CANDIDATES,
     FM_DIM,
@@ -54,19 +47,19 @@ from benchmarks.service_latency import (  # noqa: E402
     candidates,
     user_history,
 )
-from exporters.export import _onnx_bytes, ranker_onnx  # noqa: E402
-from exporters.features import time_buckets  # noqa: E402
-from exporters.models import RankerConfig, TwoStageRanker  # noqa: E402
-from exporters.stage2_graph import Stage2Graph  # noqa: E402
-from service.core.ranking import (  # noqa: E402
+from exporters.export import _onnx_bytes, ranker_onnx
+from exporters.features import time_buckets
+from exporters.models import RankerConfig, TwoStageRanker
+from exporters.stage2_graph import Stage2Graph
+from service.core.ranking import (
     FeedPool,
     RankInput,
     distinct_positions,
     rank_batch,
     rank_input,
 )
-from service.core.runtime import session_options  # noqa: E402
-from service.core.search import Stage1Engine, search_keys, search_queries  # noqa: E402
+from service.core.runtime import session_options
+from service.core.search import Stage1Engine, search_keys, search_queries
 
 LENGTHS = (1_000, 10_000)
 THREADS = (1, 2)

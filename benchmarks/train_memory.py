@@ -23,11 +23,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, cast
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks._common import machine_line, md_table, print_lines  # noqa: E402
+from benchmarks._common import ROOT, machine_line, md_table, print_lines
 
 if TYPE_CHECKING:
     import torch

@@ -126,7 +126,7 @@ class Stage2Graph(nn.Module):
 
         One gathered row per slot and a [1, K] x [K, d] product per candidate. Measured against a
         multiply-and-sum over K (slower) and a dense [C, U] weight matrix times [U, d] (slower at
-        U in the thousands): `benchmarks/stage2.py --pooling`.
+        U in the thousands): `python -m benchmarks.stage2 --pooling`.
         """
         b, u, d = r_b.shape
         # per-request indices become rows of the batch's flattened [B * U, d] table

@@ -320,7 +320,7 @@ def cooccurrence_loss(
     keep = np.flatnonzero(lengths >= 2)
     if len(keep) < 2:
         return torch.zeros(())
-    n = len(lengths[keep])
+    n = len(keep)
     anchor = 1 + (rng.random((len(keep), anchors)) * (lengths[keep, None] - 1)).astype(np.int64)
     near = np.maximum(anchor - 1 - (rng.random((len(keep), anchors)) * window).astype(np.int64), 0)
     rows = batch.hist_rows[torch.from_numpy(keep)]
