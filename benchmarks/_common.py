@@ -1,24 +1,21 @@
 """Helpers shared by the benchmark scripts: the machine line, markdown tables, server processes.
 
-Import it after the script has put the repository root first on `sys.path` (see any script here).
+The scripts run as modules from the repository root (`python -m benchmarks.<name>`), so the
+repository's packages, and no script of this folder, are what they import.
 """
 
 from __future__ import annotations
 
 import os
 import platform
-import signal
-import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 import numpy as np
+
+from service.process import ServeProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -131,81 +128,34 @@ def main_thread_cpu_seconds(pid: int) -> float:
     return 0.0 if fields is None else (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-@dataclass(frozen=True)
-class Server:
-    """A started HTTP server process."""
+class Server(Protocol):
+    """A started HTTP server that the load benchmarks drive: where it listens, and its process."""
 
-    base: str
-    host: str
-    port: int
-    pid: int
-
-
-def free_port() -> int:
-    from tests.redis_proc import free_port as _free_port
-
-    return _free_port()
+    @property
+    def base(self) -> str: ...
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def pid(self) -> int: ...
 
 
-def dare_serve_cli() -> list[str]:
-    """The `dare-serve` command of this interpreter's environment (the module when not installed)."""
-    script = Path(sys.executable).parent / "dare-serve"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "service.cli"]
-
-
-@contextmanager
 def dare_server(
     bundles: Path,
     redis_url: str | None,
     env: Mapping[str, str] | None = None,
     namespace: str = "bench",
     extra_args: Sequence[str] = (),
-) -> Iterator[Server]:
-    """`dare-serve serve` in a subprocess (uvicorn, one worker); yields it once /readyz answers 200.
+) -> ServeProcess:
+    """`dare-serve serve` as the benchmarks run it (a context manager: started on entry, stopped on exit).
 
-    Every DARE_* variable of this environment is dropped, so only `env` configures the server.
-    Without `redis_url` it serves from the in-memory store (fill it with `extra_args`: --data, ...).
+    Only `env` configures it, over the benchmarks' namespace and a 2 s feature timeout. Without
+    `redis_url` it serves from the in-memory store (fill it with `extra_args`: --data, ...).
     """
-    port = free_port()
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("DARE_")}
-    full_env |= {"DARE_REDIS_NAMESPACE": namespace, "DARE_FEATURE_TIMEOUT_MS": "2000", **(env or {})}
-    cli = dare_serve_cli()
-    store = ["--redis-url", redis_url] if redis_url is not None else []
-    cmd = [*cli, "serve", "--bundles", str(bundles), *store, "--port", str(port),
-           "--log-level", "warning", *extra_args]  # fmt: skip
-    with http_server(cmd, port, full_env) as server:
-        yield server
-
-
-@contextmanager
-def http_server(
-    cmd: Sequence[str], port: int, env: Mapping[str, str], timeout_s: float = 120
-) -> Iterator[Server]:
-    """A server process listening on 127.0.0.1:`port`; yields it once its /readyz answers 200."""
-    from service.readiness import wait_ready
-
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(list(cmd), env=dict(env), stdout=log, stderr=subprocess.STDOUT)
-        base = f"http://127.0.0.1:{port}"
-        try:
-            if not wait_ready(base, timeout_s, alive=lambda: proc.poll() is None):
-                log.seek(0)
-                raise RuntimeError(f"{cmd[0]} did not start: {log.read().decode()[-2000:]}")
-            yield Server(base, "127.0.0.1", port, proc.pid)
-        finally:
-            stop_process(proc)
-
-
-def stop_process(proc: subprocess.Popen[Any], timeout: float = 20.0) -> None:
-    """SIGTERM, then SIGKILL if it does not exit in time."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
+    settings = {"DARE_REDIS_NAMESPACE": namespace, "DARE_FEATURE_TIMEOUT_MS": "2000", **(env or {})}
+    args = ["--log-level", "warning", *extra_args]
+    return ServeProcess(bundles, redis_url=redis_url, env=settings, args=args)
 
 
 def elapsed(t0: float) -> str:

@@ -15,7 +15,6 @@ with a fixed `timestamp`, so scores are reproducible and comparable between serv
 
 from __future__ import annotations
 
-import asyncio
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +79,20 @@ class Workload:
     def user_index(self, user_id: str) -> int:
         return int(user_id.rsplit("-", 1)[1])
 
+    def events(self) -> pd.DataFrame:
+        return events_frame(self.users, self.items, self.timestamps)
+
+
+def events_frame(users: list[str], items: np.ndarray, timestamps: np.ndarray) -> pd.DataFrame:
+    """The users' behaviors as an events table (user_id, item_id, timestamp), a row per behavior."""
+    return pd.DataFrame(
+        {
+            "user_id": np.repeat(np.array(users, dtype=object), items.shape[1]),
+            "item_id": items.reshape(-1),
+            "timestamp": timestamps.reshape(-1),
+        }
+    )
+
 
 def make_workload(
     models: Models, quick: bool = False, events: int = EVENTS, n_users: int = USERS, prefix: str = "load"
@@ -132,13 +145,7 @@ def _fm_vectors(
     from exporters.bundle import load_bundle
     from exporters.fm_embed import compute_user_embeddings
 
-    events = pd.DataFrame(
-        {
-            "user_id": np.repeat(np.array(users, dtype=object), items.shape[1]),
-            "item_id": items.reshape(-1),
-            "timestamp": timestamps.reshape(-1),
-        }
-    )
+    events = events_frame(users, items, timestamps)
     emb = compute_user_embeddings(load_bundle(models.fm), events, as_of=now, progress=False)
     order = {u: i for i, u in enumerate(emb.user_ids)}
     return emb.vectors[[order[u] for u in users]]
@@ -146,21 +153,10 @@ def _fm_vectors(
 
 def fill_redis(url: str, w: Workload, namespace: str = NAMESPACE) -> None:
     """Replace the load users' sequences and FM embeddings in Redis; make the FM version active."""
-    from feature_store.base import UserSequence
-    from feature_store.factory import open_feature_store
+    from feature_store.fill import fill
 
-    async def run() -> None:
-        store = open_feature_store(url, timeout_s=30.0, namespace=namespace)
-        try:
-            seqs = {u: UserSequence(w.items[i], w.timestamps[i]) for i, u in enumerate(w.users)}
-            await store.replace_sequences(seqs)
-            if w.fm_version is not None and w.fm.shape[1]:
-                await store.write_fm_embeddings(w.fm_version, w.users, w.fm)
-                await store.set_active_fm_version(w.fm_version)
-        finally:
-            await store.aclose()
-
-    asyncio.run(run())
+    fm = dict(zip(w.users, w.fm, strict=True)) if w.fm_version is not None and w.fm.shape[1] else None
+    fill(url, namespace, events=w.events(), fm=fm, fm_version=w.fm_version)
 
 
 def describe(models: Models, w: Workload) -> str:

@@ -37,7 +37,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from benchmarks._common import dare_serve_cli, machine_line, md_table, pct, print_lines
+from benchmarks._common import machine_line, md_table, pct, print_lines
+from service.process import dare_serve_command
 
 if TYPE_CHECKING:
     from exporters.samples import ItemVocab, Samples
@@ -158,7 +159,7 @@ def stage_latency(
 def train_once(data: Path, out: Path, window: int, epochs: int, seed: int) -> dict[str, Any]:
     """`dare-serve train` in a subprocess on one thread: torch's OpenMP pool, once started in this
     process, would slow the serving core's stage 1 here several-fold (it is never loaded in serving)."""
-    cmd = [*dare_serve_cli(), "train", "--data", str(data), "--model", "dare", "--out", str(out)]
+    cmd = [*dare_serve_command(), "train", "--data", str(data), "--model", "dare", "--out", str(out)]
     cmd += ["--variant", f"dare-w{window}", "--max-seq-len", str(window), "--epochs", str(epochs)]
     cmd += ["--seed", str(seed), "--no-progress"]
     env = {**os.environ, "DARE_TRAIN_THREADS": "1"}

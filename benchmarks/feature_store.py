@@ -4,37 +4,29 @@ and lifelong histories (10,000 and 100,000 events per user: memory per event, re
 Fixed seeds and sizes; side-by-side ratios from one run. Not a test. Starts a private redis-server
 on a free loopback port unless --redis-url is given (a scratch namespace is used and deleted).
 
-    .venv/bin/python benchmarks/feature_store.py [--redis-url URL [--cluster]] [--quick] [--lifelong-only]
+    .venv/bin/python -m benchmarks.feature_store [--redis-url URL [--cluster]] [--quick] [--lifelong-only]
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import argparse
+import asyncio
+import os
+import platform
+import time
+import tracemalloc
+import uuid
+from collections.abc import Awaitable, Callable
 
-if __package__ in (None, ""):
-    # Run as a file, this folder would come first on sys.path and this module would shadow the
-    # feature_store package; put the repository root there instead.
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+import numpy as np
+import pandas as pd
+import redis
 
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import time  # noqa: E402
-import tracemalloc  # noqa: E402
-import uuid  # noqa: E402
-from collections.abc import Awaitable, Callable  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import redis  # noqa: E402
-
-from feature_store import codec  # noqa: E402
-from feature_store.base import FeatureStore, UserSequence  # noqa: E402
-from feature_store.factory import open_feature_store  # noqa: E402
-from feature_store.ingest import ingest_events  # noqa: E402
-from feature_store.redis_store import TRIM_SLACK_SHARE, RedisFeatureStore  # noqa: E402
+from feature_store import codec
+from feature_store.base import FeatureStore, UserSequence
+from feature_store.factory import open_feature_store
+from feature_store.ingest import ingest_events
+from feature_store.redis_store import TRIM_SLACK_SHARE, RedisFeatureStore
 
 SEED = 20240601
 T0 = 1_700_000_000

@@ -14,31 +14,25 @@ model's own stage 2 in tests/exporters/test_full_attention.py). Nothing is retra
 
 Fixed seeds and sizes; not a test.
 
-    .venv/bin/python benchmarks/full_attention.py [--quick] [--workdir DIR]
+    .venv/bin/python -m benchmarks.full_attention [--quick] [--workdir DIR]
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
-if __package__ in (None, ""):
-    # Run as a file, this folder would shadow the repository's packages; put the root first.
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+import numpy as np
+import torch
 
-import argparse  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from functools import partial  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from benchmarks._common import machine_line, md_table, median_ms, print_lines  # noqa: E402
-from benchmarks._workload import Models, build_models  # noqa: E402
-from benchmarks.server_concurrency import DEFAULT_WORKDIR  # noqa: E402
-from exporters.models import TwoStageRanker  # noqa: E402
-from exporters.offline import full_attention_logits, load_torch_model  # noqa: E402
+from benchmarks._common import machine_line, md_table, median_ms, print_lines
+from benchmarks._workload import Models, build_models
+from benchmarks.server_concurrency import DEFAULT_WORKDIR
+from exporters.models import TwoStageRanker
+from exporters.offline import full_attention_logits, load_torch_model
 
 SEED = 20240613
 LENGTHS = (1_000, 10_000)

@@ -1,6 +1,6 @@
 """GPU check: ONNX Runtime's CUDA execution provider and FAISS's GPU search against the CPU paths.
 
-    python benchmarks/gpu_check.py [--quick] [--json OUT]
+    python -m benchmarks.gpu_check [--quick] [--json OUT]
 
 Needs the `gpu` extra (onnxruntime-gpu, faiss-gpu) and a CUDA GPU; exits 2 without them. Side by
 side in one run, with fixed seeds and the serving-size ranker of benchmarks/service_latency.py:
@@ -14,27 +14,22 @@ side in one run, with fixed seeds and the serving-size ranker of benchmarks/serv
 
 from __future__ import annotations
 
-import sys
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
-if __package__ in (None, ""):
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+import faiss
+import numpy as np
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor  # noqa: E402
-from typing import TypeVar  # noqa: E402
-
-import faiss  # noqa: E402
-import numpy as np  # noqa: E402
-
-from benchmarks._common import dare_server, samples_ms  # noqa: E402
-from benchmarks.service_latency import (  # noqa: E402
+from benchmarks._common import dare_server, samples_ms
+from benchmarks.service_latency import (
     CANDIDATES,
     FM_DIM,
     FM_VERSION,
@@ -44,10 +39,11 @@ from benchmarks.service_latency import (  # noqa: E402
     candidates,
     run_concurrent,
     run_sequential,
+    store_data,
     user_history,
 )
-from service.core.runtime import single_threaded_numerics  # noqa: E402
-from service.core.search import Stage1Engine, gpu_available, knn_plain  # noqa: E402
+from service.core.runtime import single_threaded_numerics
+from service.core.search import Stage1Engine, gpu_available, knn_plain
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 T = TypeVar("T")
@@ -159,21 +155,15 @@ def stage2(bundle: Path, reps: int) -> list[dict]:
 
 def write_store_files(work: Path) -> tuple[Path, Path]:
     """events.parquet and an FM embeddings file for the in-memory feature store of `serve`."""
-    import pandas as pd
-
     from exporters.fm_embed import UserEmbeddings, write_embeddings_file
 
-    frames = []
-    for length in LENGTHS:
-        items, times = user_history(length)
-        frames.append(pd.DataFrame({"user_id": f"user-{length}", "item_id": items, "timestamp": times}))
+    events, fm = store_data()
     data = work / "data"
     data.mkdir()
-    pd.concat(frames).to_parquet(data / "events.parquet")
-    users = [f"user-{n}" for n in LENGTHS]
-    vectors = np.random.default_rng(SEED).standard_normal((len(users), FM_DIM)).astype(np.float32)
+    events.to_parquet(data / "events.parquet")
     fm_file = work / "fm.parquet"
-    write_embeddings_file(UserEmbeddings(users, vectors, FM_VERSION, time.time()), fm_file)
+    vectors = np.stack(list(fm.values()))
+    write_embeddings_file(UserEmbeddings(list(fm), vectors, FM_VERSION, time.time()), fm_file)
     return data, fm_file
 
 

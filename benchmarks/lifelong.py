@@ -29,7 +29,8 @@ import httpx
 import numpy as np
 import pandas as pd
 
-from benchmarks._common import dare_serve_cli, dare_server, machine_line, md_table, print_lines
+from benchmarks._common import dare_server, machine_line, md_table, print_lines
+from service.process import dare_serve_command
 
 LONG = 100_000
 APPEND = 10_000  # events per POST /v1/events (its largest)
@@ -52,7 +53,7 @@ class Checks:
 
 def cli(*args: str) -> dict[str, Any]:
     """Run a `dare-serve` command; its last stdout line is JSON."""
-    done = subprocess.run([*dare_serve_cli(), *args], capture_output=True, text=True, check=False)
+    done = subprocess.run([*dare_serve_command(), *args], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"dare-serve {args[0]} failed: {done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -1,6 +1,6 @@
 """The offline quality table: popularity, dare, coupled, fm and dare+FM on several datasets.
 
-    .venv/bin/python benchmarks/offline_table.py --out docs/offline-results.md \
+    .venv/bin/python -m benchmarks.offline_table --out docs/offline-results.md \
         [--dataset synth] [--dataset ml-latest-small=../shared/data/ml-latest-small] [...]
 
 Each dataset is built (synthetic default, or converted from MovieLens) into a temporary folder,

@@ -19,22 +19,16 @@ candidates per request, the two servers alternating in rounds. CPU: each server'
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks._common import (
-    ROOT,
     Server,
     dare_server,
-    free_port,
-    http_server,
     machine_line,
     md_table,
     pct,
@@ -51,8 +45,9 @@ from benchmarks._workload import (
 )
 from benchmarks.ray_peer import scores_of
 from benchmarks.server_concurrency import DEFAULT_WORKDIR, Point, Sizes, compute_times, sweep
+from service.process import HttpProcess, clean_env, free_port
 
-PLAIN_APP = ROOT / "benchmarks" / "peer" / "plain_app.py"
+PLAIN_APP = "benchmarks.peer.plain_app"
 CONCURRENCY = (1, 8, 32)
 CHECK_REQUESTS = 16
 TOLERANCE = 1e-5
@@ -67,16 +62,13 @@ def sizes_of(quick: bool) -> Sizes:
     return Sizes(1, 1.5, 0.5, 60) if quick else Sizes(3, 3.0, 0.5, 200)
 
 
-@contextmanager
-def plain_server(bundle: Path, redis_url: str, read_depth: int) -> Iterator[Server]:
-    """The plain peer in a subprocess of this interpreter; yields it once /readyz answers."""
+def plain_server(bundle: Path, redis_url: str, read_depth: int) -> HttpProcess:
+    """The plain peer in a subprocess of this interpreter (a context manager: ready on entry)."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DARE_")}
-    env |= {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(PLAIN_APP), "--bundle", str(bundle.resolve()), "--redis-url", redis_url,
+    env = clean_env({"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"})
+    cmd = [sys.executable, "-m", PLAIN_APP, "--bundle", str(bundle.resolve()), "--redis-url", redis_url,
            "--namespace", NAMESPACE, "--port", str(port), "--read-depth", str(read_depth)]  # fmt: skip
-    with http_server(cmd, port, env) as server:
-        yield server
+    return HttpProcess(cmd, port, env=env)
 
 
 @dataclass(frozen=True)
@@ -113,18 +105,13 @@ def compare_scores(dare: Server, peer: Server, w: Workload, n: int = CHECK_REQUE
 def peer_compute_ms(models: Models, w: Workload, redis_url: str, n: int) -> float:
     """p50 ms of the peer's scoring alone (decode, rows, `faiss.knn`, ORT) for the first n requests,
     in-process, in a thread with BLAS and OpenMP at one thread as the peer runs them."""
-    import importlib.util
     from concurrent.futures import ThreadPoolExecutor
 
     import redis
 
+    from benchmarks.peer import plain_app as app
     from service.core.runtime import single_threaded_numerics
 
-    spec = importlib.util.spec_from_file_location("plain_app", PLAIN_APP)
-    assert spec is not None and spec.loader is not None
-    app = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = app  # its dataclasses look their module up while it loads
-    spec.loader.exec_module(app)
     ranker = app.Ranker.load(models.ranker)
     client = redis.Redis.from_url(redis_url)
     reqs = w.requests[:n]

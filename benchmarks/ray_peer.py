@@ -9,46 +9,39 @@ Before any timing, the same requests are scored by both and must agree. Then bot
 same clients and requests, alternating in rounds. Fixed seeds and sizes; not a test.
 
     benchmarks/peer/setup.sh   # once
-    .venv/bin/python benchmarks/ray_peer.py [--quick] [--replicas 1] [--bundles ROOT] [--workdir DIR]
+    .venv/bin/python -m benchmarks.ray_peer [--quick] [--replicas 1] [--bundles ROOT] [--workdir DIR]
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
+import contextlib
+import itertools
+import json
+import math
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):
-    # Run as a file, this folder would shadow the repository's packages; put the root first.
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+import httpx
+import numpy as np
 
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import itertools  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
-
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-
-from benchmarks._common import (  # noqa: E402
+from benchmarks._common import (
     ROOT,
     Server,
     dare_server,
-    free_port,
     machine_line,
     md_table,
     pct,
     print_lines,
-    stop_process,
 )
-from benchmarks._workload import (  # noqa: E402
+from benchmarks._workload import (
     NAMESPACE,
     Models,
     Workload,
@@ -57,7 +50,7 @@ from benchmarks._workload import (  # noqa: E402
     fill_redis,
     make_workload,
 )
-from benchmarks.server_concurrency import (  # noqa: E402
+from benchmarks.server_concurrency import (
     CONCURRENCY,
     DEFAULT_WORKDIR,
     HEADERS,
@@ -66,9 +59,10 @@ from benchmarks.server_concurrency import (  # noqa: E402
     compute_times,
     sweep,
 )
+from service.process import LOOPBACK, free_port, stop_process
 
 PEER_PYTHON = ROOT / ".venv-peer" / "bin" / "python"
-PEER_APP = ROOT / "benchmarks" / "peer" / "ray_app.py"
+PEER_APP = "benchmarks.peer.ray_app"  # run as a module from the repository root
 CHECK_REQUESTS = 32
 
 
@@ -81,20 +75,30 @@ def peer_versions() -> str:
     return f"Ray {out[0]} (ONNX Runtime {out[1]}, FAISS {out[2]})"
 
 
+@dataclass(frozen=True)
+class RayServer:
+    """The started Ray Serve peer: where it listens, and its driver process."""
+
+    base: str
+    host: str
+    port: int
+    pid: int
+
+
 @contextmanager
 def ray_server(bundle: Path, redis_url: str, replicas: int) -> Iterator[Server]:
     """The Ray Serve peer in a subprocess of .venv-peer; yields it once it has answered READY."""
     if not PEER_PYTHON.exists():
         raise SystemExit(f"{PEER_PYTHON} is missing: run benchmarks/peer/setup.sh first")
     port = free_port()
-    cmd = [str(PEER_PYTHON), str(PEER_APP), "--bundle", str(bundle.resolve()), "--redis-url", redis_url,
+    cmd = [str(PEER_PYTHON), "-m", PEER_APP, "--bundle", str(bundle.resolve()), "--redis-url", redis_url,
            "--namespace", NAMESPACE, "--port", str(port), "--replicas", str(replicas)]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     with tempfile.TemporaryFile() as log:
         # its own session: Ray's processes are its descendants and go with it
         proc = subprocess.Popen(
-            cmd, env=env, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True
+            cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True
         )
         try:
             assert proc.stdout is not None
@@ -103,7 +107,7 @@ def ray_server(bundle: Path, redis_url: str, replicas: int) -> Iterator[Server]:
                 stop_process(proc)
                 log.seek(0)
                 raise RuntimeError(f"the Ray Serve peer did not start: {log.read().decode()[-3000:]}")
-            yield Server(f"http://127.0.0.1:{port}", "127.0.0.1", port, proc.pid)
+            yield RayServer(f"http://{LOOPBACK}:{port}", LOOPBACK, port, proc.pid)
         finally:
             stop_process(proc, timeout=60)
             # whatever Ray left behind in the session started for it (its own processes only)
@@ -127,9 +131,9 @@ def peer_compute_ms(models: Models, w: Workload, redis_url: str, n: int) -> floa
         json.dump(w.requests[:n], f)
         f.flush()
         out = subprocess.run(
-            [str(PEER_PYTHON), str(PEER_APP), "--bundle", str(models.ranker.resolve()), "--redis-url",
+            [str(PEER_PYTHON), "-m", PEER_APP, "--bundle", str(models.ranker.resolve()), "--redis-url",
              redis_url, "--namespace", NAMESPACE, "--bench-compute", f.name],
-            capture_output=True, text=True, check=True,
+            capture_output=True, text=True, check=True, cwd=ROOT,
         ).stdout  # fmt: skip
     return float(json.loads(out.strip().splitlines()[-1])["p50_ms"])
 

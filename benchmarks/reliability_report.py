@@ -4,7 +4,7 @@ Each reliability test writes artifacts/reliability/<name>.json (requests sent, s
 was lost); this prints them as one markdown table, plus the soak figures when a soak.json is given.
 
     .venv/bin/pytest tests/reliability                 # writes the artifacts
-    .venv/bin/python benchmarks/reliability_report.py [--dir DIR] [--soak runs/soak/<time>/soak.json]
+    .venv/bin/python -m benchmarks.reliability_report [--dir DIR] [--soak runs/soak/<time>/soak.json]
 """
 
 from __future__ import annotations

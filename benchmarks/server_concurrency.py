@@ -8,30 +8,24 @@ the machine hits both alike. Server overhead: client-measured latency at one cli
 in-process compute time of stage 1 + stage 2 (`score_jobs`) for the same requests. Fixed seeds and
 sizes; not a test.
 
-    .venv/bin/python benchmarks/server_concurrency.py [--quick] [--bundles ROOT] [--workdir DIR]
+    .venv/bin/python -m benchmarks.server_concurrency [--quick] [--bundles ROOT] [--workdir DIR]
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
+import re
+import time
+from collections.abc import Callable, Collection
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-if __package__ in (None, ""):
-    # Run as a file, this folder would shadow the repository's packages; put the root first.
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+import httpx
+import numpy as np
 
-import argparse  # noqa: E402
-import re  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable, Collection  # noqa: E402
-from contextlib import ExitStack  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import TYPE_CHECKING  # noqa: E402
-
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-
-from benchmarks._common import (  # noqa: E402
+from benchmarks._common import (
     Server,
     dare_server,
     machine_line,
@@ -40,8 +34,8 @@ from benchmarks._common import (  # noqa: E402
     print_lines,
     process_tree,
 )
-from benchmarks._load import LoadResult, closed_loop  # noqa: E402
-from benchmarks._workload import Models, Workload, build_models, describe, fill_redis, make_workload  # noqa: E402
+from benchmarks._load import LoadResult, closed_loop
+from benchmarks._workload import Models, Workload, build_models, describe, fill_redis, make_workload
 
 if TYPE_CHECKING:
     from service.core.pipeline import PreparedJob

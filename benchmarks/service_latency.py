@@ -7,31 +7,26 @@ bundle. Requests are sent one at a time (latency, not throughput), split by stag
 what batching is for; and the in-process core alone (no HTTP, no Redis) as the floor. Fixed seeds
 and sizes; not a test.
 
-    .venv/bin/python benchmarks/service_latency.py [--requests 300] [--quick]
+    .venv/bin/python -m benchmarks.service_latency [--requests 300] [--quick]
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
+import os
+import platform
+import tempfile
+import threading
+import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    # Run as a file, this folder would shadow the repository's packages; put the root first.
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+import httpx
+import numpy as np
+import pandas as pd
 
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-
-from benchmarks._common import dare_server  # noqa: E402
-from tests.redis_proc import RedisProcess  # noqa: E402
+from benchmarks._common import dare_server
+from feature_store.fill import fill
+from tests.redis_proc import RedisProcess
 
 SEED = 20240607
 N_ITEMS, N_CATEGORIES = 50_001, 200
@@ -74,19 +69,15 @@ def candidates() -> list[int]:
     return np.random.default_rng(SEED).integers(1, N_ITEMS, CANDIDATES).tolist()
 
 
-async def fill_store(url: str) -> None:
-    from feature_store.base import UserSequence
-    from feature_store.factory import open_feature_store
-
-    store = open_feature_store(url, timeout_s=30.0, namespace="bench")
-    try:
-        users = [f"user-{n}" for n in LENGTHS]
-        await store.replace_sequences({f"user-{n}": UserSequence(*user_history(n)) for n in LENGTHS})
-        vectors = np.random.default_rng(SEED).standard_normal((len(users), FM_DIM)).astype(np.float32)
-        await store.write_fm_embeddings(FM_VERSION, users, vectors)
-        await store.set_active_fm_version(FM_VERSION)
-    finally:
-        await store.aclose()
+def store_data() -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """The events of the users `user-<length>` (one per length) and their FM vectors (random)."""
+    users = [f"user-{n}" for n in LENGTHS]
+    frames = []
+    for user, length in zip(users, LENGTHS, strict=True):
+        items, times = user_history(length)
+        frames.append(pd.DataFrame({"user_id": user, "item_id": items, "timestamp": times}))
+    vectors = np.random.default_rng(SEED).standard_normal((len(users), FM_DIM)).astype(np.float32)
+    return pd.concat(frames, ignore_index=True), dict(zip(users, vectors, strict=True))
 
 
 def parse_timing(header: str) -> dict[str, float]:
@@ -197,7 +188,8 @@ def main() -> None:
     redis = RedisProcess().start()
     try:
         bundle = build_bundle(work / "bundles")
-        asyncio.run(fill_store(redis.url))
+        events, fm = store_data()
+        fill(redis.url, "bench", events=events, fm=fm, fm_version=FM_VERSION)
         seq: dict[tuple[int, bool], dict[str, np.ndarray]] = {}
         conc: dict[tuple[int, bool], tuple[np.ndarray, float]] = {}
         for batching in (False, True):

@@ -11,39 +11,34 @@ prints start / warm / end / max figures. Exit status 1 when a request failed, or
 fds or connections grew past the limits between the end of the warm-up and the end of the run, or
 did not come back to the pre-load baseline once the load stopped. Not a test; e.g.
 
-    .venv/bin/python benchmarks/soak.py                      # 10 minutes, 8 users
-    .venv/bin/python benchmarks/soak.py --duration 60s       # a quick try
+    .venv/bin/python -m benchmarks.soak                      # 10 minutes, 8 users
+    .venv/bin/python -m benchmarks.soak --duration 60s       # a quick try
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import subprocess
 import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-if __package__ in (None, ""):
-    # Run as a file, this folder would shadow the repository's packages; put the root first.
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+import numpy as np
+import psutil
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from dataclasses import asdict, dataclass  # noqa: E402
-from datetime import UTC, datetime  # noqa: E402
-from typing import Any  # noqa: E402
-
-import numpy as np  # noqa: E402
-import psutil  # noqa: E402
-
-from benchmarks._common import dare_serve_cli, stop_process  # noqa: E402
-from loadtest.run import parse_duration  # noqa: E402
-from service.readiness import wait_ready  # noqa: E402
-from tests.redis_proc import RedisProcess, free_port  # noqa: E402
+from loadtest.run import parse_duration
+from service.process import ServeProcess, clean_env, dare_serve_command
+from tests.redis_proc import RedisProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
+# The load test is configured by its flags alone, not by DARE_* or LOCUST_* variables of this shell.
+LOADTEST_ENV = ("DARE_", "LOCUST_")
 # Small enough to train in about ten seconds on two cores, big enough for real FAISS and ORT work.
 TINY_DATA = {"users": 300, "items": 2000, "categories": 20, "max_seq_len": 500, "seed": 7}
 TINY_TRAIN = {
@@ -156,11 +151,6 @@ def tiny_build(workdir: Path) -> tuple[Path, Path, Path]:
         events = pd.read_parquet(data / "events.parquet", columns=["user_id", "item_id", "timestamp"])
         write_embeddings_file(compute_user_embeddings(load_bundle(fm), events, progress=False), emb_file)
     return root, data, emb_file
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DARE_", "LOCUST_"))}
-    return env | extra
 
 
 # -- verdict -----------------------------------------------------------------------------------
@@ -281,26 +271,21 @@ def main(argv: list[str] | None = None) -> int:
     else:
         bundles, data, fm_file = args.bundles.resolve(), args.data, args.fm_embeddings
     redis = RedisProcess(appendfsync="everysec").start()
-    port = free_port()
-    serve_args = ["--bundles", str(bundles), "--redis-url", redis.url, "--port", str(port)]
+    serve_args = []
     if data is not None:
         serve_args += ["--data", str(data)]
     if fm_file is not None:
         serve_args += ["--fm-embeddings", str(fm_file)]
     log = out / "serve.log"
-    server: subprocess.Popen[bytes] | None = None
+    env = {"DARE_REDIS_NAMESPACE": "soak"}
+    server = ServeProcess(bundles, redis_url=redis.url, env=env, args=serve_args, log=log, ready_timeout=180)
     try:
-        with open(log, "wb") as sink:
-            server = subprocess.Popen(
-                [*dare_serve_cli(), "serve", *serve_args],
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-                env=clean_env(DARE_REDIS_NAMESPACE="soak"),
-            )
-        base = f"http://127.0.0.1:{port}"
-        if not wait_ready(base, 180, alive=lambda: server is not None and server.poll() is None):
+        try:
+            server.start()
+        except RuntimeError:
             print(f"soak: the server did not get ready; see {log}", file=sys.stderr)
             return 2
+        base, port = server.base, server.port
         # Two idle samples, one interval apart; times count from the start of the load.
         sampler = Sampler(server.pid, port, redis.port, args.interval, time.monotonic() + args.interval)
         sampler.take()
@@ -309,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         sampler.t0, sampler.phase = time.monotonic(), "load"
         sampler.start()
         lt_out = out / "loadtest"
-        cmd = [*dare_serve_cli(), "loadtest", "--host", base, "--users", str(args.users),
+        cmd = [*dare_serve_command(), "loadtest", "--host", base, "--users", str(args.users),
                "--spawn-rate", f"{args.spawn_rate:g}", "--duration", f"{duration_s}s", "--out", str(lt_out),
                "--wait-ms", f"{args.wait_ms:g}", "--events-share", f"{args.events_share:g}",
                "--candidates", str(args.candidates)]  # fmt: skip
@@ -317,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd += ["--data", str(data)]
         print(f"soak: {args.users} users for {duration_s}s against {base}; samples every {args.interval:g}s "
               f"into {out}", flush=True)  # fmt: skip
-        lt = subprocess.run(cmd, capture_output=True, text=True, cwd=out, env=clean_env())
+        lt = subprocess.run(cmd, capture_output=True, text=True, cwd=out, env=clean_env(drop=LOADTEST_ENV))
         sampler.stop()
         sampler.phase = "idle-after"
         for _ in range(2):
@@ -330,8 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         summary = json.loads(summary_path.read_text())
     finally:
-        if server is not None:
-            stop_process(server)
+        server.stop()
         redis.cleanup()
     samples = sampler.samples
     result = {

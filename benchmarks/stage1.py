@@ -1,6 +1,6 @@
 """Stage-1 search benchmark: plain `faiss.knn`, the previous threshold search and dare-serve's stage 1.
 
-    .venv/bin/python benchmarks/stage1.py [--candidates 200] [--length 10000] [--k 64] [--dim 16]
+    .venv/bin/python -m benchmarks.stage1 [--candidates 200] [--length 10000] [--k 64] [--dim 16]
                                           [--coupled-dim 64] [--rounds 5] [--reps 40] [--seed 0]
 
 Workload: one user, `--length` behaviors, `--candidates` candidates, exact inner-product top-K over
@@ -18,13 +18,6 @@ Methods, each in its own best thread setting:
 """
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):
-    # Run as a file, this folder would shadow the repository's packages; put the root first.
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 import argparse
 import os

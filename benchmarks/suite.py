@@ -1,6 +1,6 @@
 """Benchmark suite: side-by-side measurements in one run, written to docs/benchmarks.md.
 
-    .venv/bin/python benchmarks/suite.py [--sections a,b,c,d,e,f,g,h] [--quick] [--out docs/benchmarks.md]
+    .venv/bin/python -m benchmarks.suite [--sections a,b,c,d,e,f,g,h] [--quick] [--out docs/benchmarks.md]
                                          [--workdir .dare/bench] [--bundles ROOT] [--replicas 1]
 
 Sections (fixed seeds and sizes; every row is a ratio against its baseline measured in the same run):
@@ -24,28 +24,22 @@ of some sections replaces only those sections in --out and keeps the others.
 
 from __future__ import annotations
 
+import argparse
+import os
+import re
 import sys
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
-if __package__ in (None, ""):
-    # Run as a file, this folder would shadow the repository's packages (benchmarks/feature_store.py
-    # would hide feature_store/); put the repository root first instead.
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
+import faiss
+import numpy as np
+from threadpoolctl import threadpool_limits
 
-import argparse  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from functools import partial  # noqa: E402
-
-import faiss  # noqa: E402
-import numpy as np  # noqa: E402
-from threadpoolctl import threadpool_limits  # noqa: E402
-
-from benchmarks._common import machine_line, median_ms  # noqa: E402
-from service.core.search import Stage1Engine, knn_plain  # noqa: E402
+from benchmarks._common import machine_line, median_ms
+from service.core.search import Stage1Engine, knn_plain
 
 K = 64
 
@@ -250,7 +244,7 @@ def header() -> list[str]:
     return [
         "# Benchmarks",
         "",
-        "Written by `benchmarks/suite.py` (`.venv/bin/python benchmarks/suite.py`; one section: "
+        "Written by `benchmarks/suite.py` (`.venv/bin/python -m benchmarks.suite`; one section: "
         "`--sections c`; a smoke run: `--quick`). Every table compares alternatives measured side by side "
         "in the same run, with fixed seeds and sizes; the ratios are the result, the absolute times "
         "depend on the machine. Each section names the machine and date it was measured on. The "

@@ -169,9 +169,7 @@ class Bundle:
     manifest: Manifest
     item_ids: np.ndarray  # raw item id per row; row 0 (-1) is the reserved unknown row
     item_categories: np.ndarray
-    session: Any  # onnxruntime.InferenceSession
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
+    session: Any  # onnxruntime.InferenceSession (its inputs and outputs checked against the manifest)
     attention: np.ndarray | None = None  # [n_items, d_attention] float32, the FAISS index's rows
     time_bias: np.ndarray | None = None  # [n_time_buckets] float32
 
@@ -354,7 +352,7 @@ def load_bundle(
     _expect_io(path / onnx_name, inputs, want_in, "input")
     _expect_io(path / onnx_name, outputs, want_out, "output")
     if manifest.model == "fm":
-        return Bundle(path, manifest, item_ids, item_categories, session, inputs, outputs)
+        return Bundle(path, manifest, item_ids, item_categories, session)
 
     import faiss
 
@@ -372,4 +370,4 @@ def load_bundle(
     if not np.isfinite(attention).all():
         raise BundleError(f"{path}/attention.faiss: non-finite attention vectors")
     time_bias = _load_array(path / "time_bias.npy", np.float32, (manifest.n_time_buckets,))
-    return Bundle(path, manifest, item_ids, item_categories, session, inputs, outputs, attention, time_bias)
+    return Bundle(path, manifest, item_ids, item_categories, session, attention, time_bias)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.backoff import NoBackoff
+from redis.maint_notifications import MaintNotificationsConfig
 from redis.retry import Retry
 
 from feature_store.base import DEFAULT_MAX_LEN, FeatureStore
@@ -25,33 +28,28 @@ def open_feature_store(
     """A Redis-backed store for `redis_url` (a Redis Cluster when `cluster`), in-memory when None."""
     if redis_url is None:
         return InMemoryFeatureStore(max_len=max_len, fm_ttl_s=fm_ttl_s)
-    # No client-side retries: a retried APPEND whose reply was lost would duplicate events, and
-    # retries with backoff would overrun the timeout. A failed call raises; the next one reconnects
-    # (and, on a cluster, re-reads the topology).
-    no_retry = Retry(NoBackoff(), 0)
+    common: dict[str, Any] = {
+        "max_connections": pool_size,
+        "socket_connect_timeout": timeout_s,
+        # No client-side retries: a retried APPEND whose reply was lost would duplicate events, and
+        # retries with backoff would overrun the timeout. A failed call raises; the next one
+        # reconnects (and, on a cluster, re-reads the topology).
+        "retry": Retry(NoBackoff(), 0),
+        # Off: redis-py skips its check for dead pooled connections while maintenance notifications
+        # (a managed-Redis feature, on by default over RESP3) are enabled, so after a Redis restart
+        # a request could draw a connection to the old process and fail although Redis is back.
+        "maint_notifications_config": MaintNotificationsConfig(enabled=False),
+    }
     client: Redis | RedisCluster
     if cluster:
-        client = RedisCluster.from_url(
-            redis_url,
-            max_connections=pool_size,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=no_retry,
-        )
+        client = RedisCluster.from_url(redis_url, socket_timeout=timeout_s, **common)
     else:
         # No socket_timeout: every call already runs under the store's own deadline
         # (`RedisFeatureStore._call`), and a per-socket one costs each command an extra asyncio task
         # (the send) and timeout scope (each reply), a sixth of a feature read's CPU. A call cut
         # short by the deadline still drops its connection: redis-py disconnects on any exception
         # inside a send or a read, cancellation included.
-        pool = BlockingConnectionPool.from_url(
-            redis_url,
-            max_connections=pool_size,
-            timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=no_retry,
-        )
-        client = Redis.from_pool(pool)
+        client = Redis.from_pool(BlockingConnectionPool.from_url(redis_url, timeout=timeout_s, **common))
     return RedisFeatureStore(
         client,
         timeout_s=timeout_s,

@@ -6,7 +6,6 @@ import ipaddress
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from urllib.parse import urlsplit
 
 from loadtest.report import STATS_FILE, ReportError, summarize, write_plot
 from loadtest.workload import TrafficConfig, WorkloadError
+from service.process import stop_process
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 CSV_PREFIX = "locust"  # locust writes locust_stats.csv, locust_stats_history.csv, locust_failures.csv ...
@@ -125,16 +125,6 @@ def preflight(host: str, timeout: float = 10.0) -> dict[str, Any]:
     return body
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    # SIGTERM makes locust shut down cleanly (reports written); kill if it does not.
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
-
-
 def _tail(path: Path, chars: int = 2000) -> str:
     try:
         return path.read_text(errors="replace")[-chars:]
@@ -171,10 +161,11 @@ def run_loadtest(lt: LoadTest, progress: bool = True) -> dict[str, Any]:
         try:
             code = proc.wait(limit)
         except subprocess.TimeoutExpired:
-            _stop(proc)
+            # SIGTERM makes locust shut down cleanly (reports written); killed if it does not.
+            stop_process(proc)
             raise LoadTestError(f"locust ran past {limit}s and was stopped; log: {log_path}") from None
         except BaseException:
-            _stop(proc)
+            stop_process(proc)
             raise
     if code != 0:
         raise LoadTestError(f"locust exited {code}; log {log_path}:\n{_tail(log_path)}")

@@ -16,12 +16,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from starlette.responses import Response
 
 from feature_store.base import FeatureStore
+from feature_store.errors import FeatureStoreError
 from feature_store.factory import open_feature_store
 from service.batching import Batcher
-from service.core.pipeline import ScoringModel
 from service.core.runtime import (
     DeviceUnavailable,
     choose_providers,
@@ -30,13 +31,13 @@ from service.core.runtime import (
     single_threaded_numerics,
 )
 from service.core.search import Stage1Engine, gpu_available
-from service.errors import install_error_handlers
+from service.errors import install_error_handlers, render_dare_error, store_error, store_error_kind
 from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware
 from service.registry import ModelRegistry, require_models
 from service.routes import admin, docs, events, health, inspector, models, score, users
 from service.schemas import DeviceInfo
-from service.scoring import ScoreJob, ScoreOutcome, Scorer
+from service.scoring import BatchScorer, ScoreBatcher, Scorer
 from service.settings import Settings
 from service.state import STATE_KEY, AppState
 
@@ -157,28 +158,27 @@ async def build_state(settings: Settings) -> AsyncIterator[AppState]:
         if not registry.current.models:
             logger.error("no valid bundle under %s: not ready until one is loaded", settings.bundles)
 
-        def make_batcher(scorer: Scorer) -> Batcher[ScoringModel, ScoreJob, ScoreOutcome]:
-            return Batcher(
-                scorer.run_batch,
-                max_size=settings.batch_max_size,
-                max_wait_s=settings.batch_max_wait_ms / 1000.0,
-                max_concurrency=settings.batch_max_concurrency,
-            )
-
-        scorer = Scorer(
+        batches = BatchScorer(
             store,
             executor,
             metrics,
             retry_after_s=settings.retry_after_s,
             fm_use_expired=settings.fm_use_expired,
-            batcher_factory=make_batcher if settings.batch_enabled else None,
             engine=engine,
             feature_timeout_s=settings.feature_timeout_s,
             search_depth=settings.search_depth_of,
         )
-        if scorer.batcher is not None:
-            scorer.batcher.start()
-            stack.push_async_callback(scorer.batcher.aclose)
+        batcher: ScoreBatcher | None = None
+        if settings.batch_enabled:
+            batcher = Batcher(
+                batches.run_batch,
+                max_size=settings.batch_max_size,
+                max_wait_s=settings.batch_max_wait_ms / 1000.0,
+                max_concurrency=settings.batch_max_concurrency,
+            )
+            batcher.start()
+            stack.push_async_callback(batcher.aclose)
+        scorer = Scorer(batches, metrics, batcher)
 
         if settings.watch_bundles:
             watch = asyncio.create_task(registry.watch(settings.watch_interval_s), name="dare-bundle-watch")
@@ -190,6 +190,14 @@ async def build_state(settings: Settings) -> AsyncIterator[AppState]:
             stack.push_async_callback(stop_watch)
         yield AppState(settings, store, registry, scorer, metrics, device, time.time())
         logger.info("shutting down")
+
+
+async def feature_store_failed(request: Request, exc: Exception) -> Response:
+    """A store error that reached a route: counted once here, answered 503 / 500 / 400 as it warrants."""
+    assert isinstance(exc, FeatureStoreError)
+    state: AppState = getattr(request.state, STATE_KEY)
+    state.metrics.feature_store_errors.labels(store_error_kind(exc)).inc()
+    return await render_dare_error(request, store_error(exc, state.settings.retry_after_s))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -211,6 +219,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     install_error_handlers(app)
+    app.add_exception_handler(FeatureStoreError, feature_store_failed)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
     for module in (score, events, users, models, health, admin, inspector, docs):
         app.include_router(module.router)

@@ -17,6 +17,13 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from feature_store.errors import (
+    CorruptFeatureData,
+    FeatureStoreError,
+    FeatureStoreUnavailable,
+    InvalidFeatureData,
+)
+
 logger = logging.getLogger("dare.service")
 
 PROBLEM_JSON = "application/problem+json"
@@ -84,11 +91,13 @@ class EndpointDisabled(DareServeError):
     status, slug, title = 404, "not-found", "Not found"
 
 
-class FeatureStoreUnavailableError(DareServeError):
+# The two answers a feature-store failure becomes. Named for what the client is told, unlike the
+# store's own exceptions (`feature_store.errors`) that they are made from.
+class StoreDownAnswer(DareServeError):
     status, slug, title = 503, "feature-store-unavailable", "Feature store unavailable"
 
 
-class CorruptUserData(DareServeError):
+class UndecodableUserAnswer(DareServeError):
     # Not the client's fault and not transient: a 500 that names the condition, so it alerts.
     status, slug, title = 500, "corrupt-user-data", "Stored user data is corrupt"
 
@@ -107,6 +116,29 @@ class ShuttingDown(DareServeError):
 
 class BundleRejected(DareServeError):
     status, slug, title = 409, "bundle-rejected", "A new bundle was refused; the previous version serves"
+
+
+def store_error(exc: FeatureStoreError, retry_after_s: int) -> DareServeError:
+    """The answer to a feature-store error (Redis details stay in the log)."""
+    if isinstance(exc, InvalidFeatureData):
+        return InvalidRequest(f"the feature store cannot hold these values: {exc}")
+    if isinstance(exc, CorruptFeatureData):
+        return UndecodableUserAnswer("the stored data of this user does not decode; it was logged")
+    # Unavailable, and any other store failure: the request may succeed once Redis is back.
+    logger.warning("feature store: %s", exc)
+    return StoreDownAnswer(
+        "the feature store did not answer in time; retry later",
+        headers={"Retry-After": str(retry_after_s)},
+    )
+
+
+def store_error_kind(exc: FeatureStoreError) -> str:
+    """The `kind` label of `dare_feature_store_errors_total` for a store error."""
+    if isinstance(exc, FeatureStoreUnavailable):
+        return "unavailable"
+    if isinstance(exc, CorruptFeatureData):
+        return "corrupt"
+    return "error"
 
 
 def problem_response(
@@ -154,7 +186,8 @@ def _validation_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
     return out
 
 
-async def _dare_error(request: Request, exc: Exception) -> Response:
+async def render_dare_error(request: Request, exc: Exception) -> Response:
+    """The problem+json answer to a `DareServeError` (5xx ones are logged)."""
     assert isinstance(exc, DareServeError)
     if exc.status >= 500:
         logger.warning("%s %s: %s", exc.status, exc.slug, exc.detail)
@@ -201,7 +234,7 @@ async def _unexpected_error(request: Request, exc: Exception) -> Response:
 
 def install_error_handlers(app: FastAPI) -> None:
     """Route every error class through the problem+json renderer."""
-    app.add_exception_handler(DareServeError, _dare_error)
+    app.add_exception_handler(DareServeError, render_dare_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected_error)

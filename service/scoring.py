@@ -1,8 +1,9 @@
 """The asynchronous edge of scoring: feature read, then the pure core in a worker thread.
 
-`Scorer.run_batch` serves a batch of requests of one model: one `read_users` round trip for the
-batch's distinct users, then `score_jobs` (the batch's stage 1 on the engine, one ORT call) in the compute
-thread pool, never on the event loop. With batching off every request is a batch of one, so
+`BatchScorer.run_batch` serves a batch of requests of one model: one `read_users` round trip for
+the batch's distinct users, then `score_jobs` (the batch's stage 1 on the engine, one ORT call) in
+the compute thread pool, never on the event loop. `Scorer` takes each request to it, through the
+`Batcher` that the lifespan built around `run_batch` when batching is on, else as a batch of one:
 both paths share this code and give identical scores.
 """
 
@@ -17,22 +18,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from feature_store.base import FeatureStore, UserFeatures
-from feature_store.errors import (
-    CorruptFeatureData,
-    FeatureStoreError,
-    FeatureStoreUnavailable,
-    InvalidFeatureData,
-)
+from feature_store.base import FeatureStore, FmStatus, UserFeatures
+from feature_store.errors import CorruptFeatureData, FeatureStoreError, FeatureStoreUnavailable
 from service.batching import Batcher
-from service.core.pipeline import FmUse, ScoredJob, ScoringModel, fm_input, prepare_job, score_jobs
+from service.core.pipeline import ScoredJob, ScoringModel, fm_input, prepare_job, score_jobs
 from service.core.search import Stage1Engine
-from service.errors import (
-    CorruptUserData,
-    DareServeError,
-    FeatureStoreUnavailableError,
-    InvalidRequest,
-)
+from service.errors import StoreDownAnswer, UndecodableUserAnswer, store_error, store_error_kind
 from service.metrics import Metrics
 
 logger = logging.getLogger("dare.service")
@@ -45,7 +36,6 @@ class ScoreJob:
     user_id: str
     candidates: np.ndarray  # raw item ids, int64 [C]
     now: int  # reference time of the behaviors' ages (seconds)
-    explain: bool
     submitted: float  # perf_counter() when the request reached the scorer
 
 
@@ -57,84 +47,42 @@ class ScoreOutcome:
     items: np.ndarray  # the user's behaviors that were searched (raw ids), for explain
     timestamps: np.ndarray
     sequence_length: int
-    fm: FmUse
+    fm: FmStatus
     fm_used: bool
     unknown_candidates: int
     queue_s: float
     feature_s: float
-    batch_size: int
 
     @property
     def cold_start(self) -> bool:
         return self.sequence_length == 0 and not self.fm_used
 
 
-def store_error(exc: FeatureStoreError, retry_after_s: int) -> DareServeError:
-    """The service error for a feature-store error (Redis details stay in the log)."""
-    if isinstance(exc, InvalidFeatureData):
-        return InvalidRequest(f"the feature store cannot hold these values: {exc}")
-    if isinstance(exc, CorruptFeatureData):
-        return CorruptUserData("the stored data of this user does not decode; it was logged")
-    # Unavailable, and any other store failure: the request may succeed once Redis is back.
-    logger.warning("feature store: %s", exc)
-    return FeatureStoreUnavailableError(
-        "the feature store did not answer in time; retry later",
-        headers={"Retry-After": str(retry_after_s)},
-    )
-
-
-def store_error_kind(exc: FeatureStoreError) -> str:
-    if isinstance(exc, FeatureStoreUnavailable):
-        return "unavailable"
-    if isinstance(exc, CorruptFeatureData):
-        return "corrupt"
-    return "error"
+ScoreBatcher = Batcher[ScoringModel, ScoreJob, ScoreOutcome]
 
 
 class Scorer:
-    """Scores requests of a chosen model, batched or not."""
+    """Scores one request of a chosen model, batched or not, and records its metrics."""
 
-    def __init__(
-        self,
-        store: FeatureStore,
-        executor: Executor,
-        metrics: Metrics,
-        *,
-        retry_after_s: int,
-        fm_use_expired: bool,
-        batcher_factory: Callable[[Scorer], Batcher[ScoringModel, ScoreJob, ScoreOutcome]] | None = None,
-        engine: Stage1Engine | None = None,
-        feature_timeout_s: float | None = None,
-        search_depth: Callable[[str], int] | None = None,
-    ) -> None:
-        self.store = store
-        self.executor = executor
+    def __init__(self, batches: BatchScorer, metrics: Metrics, batcher: ScoreBatcher | None = None) -> None:
+        self.batches = batches
         self.metrics = metrics
-        self.retry_after_s = retry_after_s
-        self.fm_use_expired = fm_use_expired
-        self.batcher = batcher_factory(self) if batcher_factory else None
-        self.engine = engine
-        self.feature_timeout_s = feature_timeout_s
-        # newest stored behaviors read per request of a variant; None: all the store keeps
-        self.search_depth = search_depth
-        # set by a feature read that failed for want of the store, cleared by the next one that works
-        self.store_failing = False
+        self.batcher = batcher
 
     async def score(self, model: ScoringModel, job: ScoreJob) -> ScoreOutcome:
-        """Score one request (through the batcher when batching is on); records the metrics."""
         m, variant = self.metrics, model.variant
         try:
             if self.batcher is not None:
                 outcome = await self.batcher.submit(model, job)
             else:
-                result = (await self.run_batch(model, [job]))[0]
+                result = (await self.batches.run_batch(model, [job]))[0]
                 if isinstance(result, BaseException):
                     raise result
                 outcome = result
-        except FeatureStoreUnavailableError:
+        except StoreDownAnswer:
             m.child(m.score_requests, variant, "unavailable").inc()
             raise
-        except CorruptUserData:
+        except UndecodableUserAnswer:
             m.child(m.score_requests, variant, "corrupt").inc()
             raise
         except Exception:
@@ -158,6 +106,34 @@ class Scorer:
             child(m.unknown_items, variant).inc(o.unknown_candidates)
         if o.cold_start:
             child(m.cold_starts, variant).inc()
+
+
+class BatchScorer:
+    """Scores a batch of requests of one model: one feature read, one compute call."""
+
+    def __init__(
+        self,
+        store: FeatureStore,
+        executor: Executor,
+        metrics: Metrics,
+        *,
+        retry_after_s: int,
+        fm_use_expired: bool,
+        engine: Stage1Engine | None = None,
+        feature_timeout_s: float | None = None,
+        search_depth: Callable[[str], int] | None = None,
+    ) -> None:
+        self.store = store
+        self.executor = executor
+        self.metrics = metrics
+        self.retry_after_s = retry_after_s
+        self.fm_use_expired = fm_use_expired
+        self.engine = engine
+        self.feature_timeout_s = feature_timeout_s
+        # newest stored behaviors read per request of a variant; None: all the store keeps
+        self.search_depth = search_depth
+        # set by a feature read that failed for want of the store, cleared by the next one that works
+        self.store_failing = False
 
     async def read_features(
         self, model: ScoringModel, user_ids: list[str], budget_s: float | None = None
@@ -233,10 +209,7 @@ class Scorer:
             if user is None:
                 results.append(store_error(CorruptFeatureData("corrupt user data"), self.retry_after_s))
                 continue
-            fm = user.fm
-            vector, status = fm_input(
-                fm.status.value, fm.vector, fm.version, model.fm_version, model.fm_dim, self.fm_use_expired
-            )
+            vector, status = fm_input(user.fm, model.fm_version, model.fm_dim, self.fm_use_expired)
             seq = user.sequence
             prep = prepare_job(model, job.candidates, seq.items, seq.timestamps, job.now, vector)
             prepared.append((len(results), job, user, prep, status))
@@ -255,6 +228,5 @@ class Scorer:
                     unknown_candidates=prep.unknown_candidates,
                     queue_s=max(0.0, started - job.submitted),
                     feature_s=feature_s,
-                    batch_size=len(jobs),
                 )
         return results

@@ -1,14 +1,25 @@
-"""Shared fixtures: a real redis-server per test session (override with --redis-url)."""
+"""Shared fixtures: a real redis-server per test session (override with --redis-url), tiny models
+trained once per session, and their data loaded into that Redis for the service and reliability tests.
+"""
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
+import pandas as pd
 import pytest
 
+from feature_store.fill import fill
 from tests.redis_proc import RedisProcess
+
+if TYPE_CHECKING:
+    from exporters.fm_embed import UserEmbeddings
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -29,6 +40,14 @@ def redis_url(request: pytest.FixtureRequest) -> Iterator[str]:
         yield proc.url
     finally:
         proc.cleanup()
+
+
+@pytest.fixture(autouse=True)
+def _no_dare_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings come from the test, never from the developer's DARE_* environment."""
+    for name in list(os.environ):
+        if name.startswith("DARE_"):
+            monkeypatch.delenv(name)
 
 
 @pytest.fixture()
@@ -56,7 +75,7 @@ class TinyModels:
     results: dict[str, dict]  # train() result per model
 
 
-def _train(data: Path, model: str, out: Path, **kw) -> dict:
+def train_tiny(data: Path, model: str, out: Path, **kw) -> dict:
     from exporters.train import TrainConfig, train
 
     sizes = {
@@ -88,8 +107,104 @@ def tiny_models(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Ti
 
     torch.set_num_threads(2)
     base = tmp_path_factory.mktemp("bundles")
-    fm = _train(tiny_data, "fm", base / "fm")
+    fm = train_tiny(tiny_data, "fm", base / "fm")
     results = {"fm": fm}
     for model in ("dare", "coupled"):
-        results[model] = _train(tiny_data, model, base / "root", fm_bundle=Path(fm["bundle"]))
+        results[model] = train_tiny(tiny_data, model, base / "root", fm_bundle=Path(fm["bundle"]))
     return TinyModels(tiny_data, base / "root", Path(fm["bundle"]), results)
+
+
+def read_events(data: Path) -> pd.DataFrame:
+    """The events table of a dataset folder, in its file order."""
+    return pd.read_parquet(data / "events.parquet", columns=["user_id", "item_id", "timestamp"])
+
+
+@pytest.fixture(scope="session")
+def tiny_embeddings(tiny_models: TinyModels) -> UserEmbeddings:
+    """The tiny FM bundle's embedding of every user of the tiny dataset."""
+    from exporters.bundle import load_bundle
+    from exporters.fm_embed import compute_user_embeddings
+
+    return compute_user_embeddings(load_bundle(tiny_models.fm), read_events(tiny_models.data), progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_fm_file(tiny_embeddings: UserEmbeddings, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tiny_embeddings` as an FM embeddings file (what `serve --fm-embeddings` loads at start-up)."""
+    from exporters.fm_embed import write_embeddings_file
+
+    path = tmp_path_factory.mktemp("tiny-fm") / "fm.parquet"
+    write_embeddings_file(tiny_embeddings, path)
+    return path
+
+
+# -- the tiny data in the session Redis ------------------------------------------------------------
+
+NO_FM_EVERY = 5  # every 5th user (by sorted id) gets no FM embedding
+
+
+@dataclass(frozen=True)
+class ServedData:
+    """What the session Redis holds for the service tests."""
+
+    redis_url: str
+    namespace: str
+    events: pd.DataFrame  # the tiny dataset's events, sorted by (user, timestamp) stably
+    fm_vectors: dict[str, np.ndarray]  # the users that have an FM embedding ("fm:1")
+    fm_version: str
+    users: list[str]
+    items: list[int]  # known item ids
+    now: int  # later than every event
+    _history: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+
+    def history(self, user: str) -> tuple[np.ndarray, np.ndarray]:
+        """(items, timestamps) of a user, oldest first, as the store returns them."""
+        if user not in self._history:
+            rows = self.events[self.events["user_id"] == user]
+            self._history[user] = (
+                rows["item_id"].to_numpy(np.int64),
+                rows["timestamp"].to_numpy(np.int64),
+            )
+        return self._history[user]
+
+    @property
+    def fm_users(self) -> list[str]:
+        return sorted(self.fm_vectors)
+
+    @property
+    def no_fm_users(self) -> list[str]:
+        return [u for u in self.users if u not in self.fm_vectors]
+
+    def fill_copy(self, redis_url: str, prefix: str) -> str:
+        """The same events and FM embeddings in a fresh namespace `prefix-xxxxxxxx`; returns it.
+
+        For tests that append events or break Redis: `namespace` must keep its exact histories.
+        """
+        namespace = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        fill(redis_url, namespace, events=self.events, fm=self.fm_vectors, fm_version=self.fm_version)
+        return namespace
+
+
+@pytest.fixture(scope="session")
+def served(tiny_embeddings: UserEmbeddings, tiny_models: TinyModels, redis_url: str) -> ServedData:
+    """The tiny dataset's events and FM embeddings (but every NO_FM_EVERY-th user's) in a namespace
+    of their own in the session Redis, so these tests never collide with other test folders there."""
+    events = read_events(tiny_models.data)
+    events = events.sort_values(["user_id", "timestamp"], kind="stable").reset_index(drop=True)
+    emb = tiny_embeddings
+    users = sorted(events["user_id"].unique().tolist())
+    no_fm = set(users[::NO_FM_EVERY])
+    fm = {u: v for u, v in zip(emb.user_ids, emb.vectors, strict=True) if u not in no_fm}
+    namespace = f"svc-{uuid.uuid4().hex[:10]}"
+    fill(redis_url, namespace, events=events, fm=fm, fm_version=emb.fm_version)
+    items = sorted(set(events["item_id"].tolist()))
+    return ServedData(
+        redis_url=redis_url,
+        namespace=namespace,
+        events=events,
+        fm_vectors=fm,
+        fm_version=emb.fm_version,
+        users=users,
+        items=items,
+        now=int(events["timestamp"].max()) + 3600,
+    )

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Literal
 
+from service.process import free_port
+
 AppendFsync = Literal["always", "everysec", "no"]
 
 # A read-only Lua busy loop: Redis runs a script to its end while every other client waits (or,
@@ -32,12 +34,6 @@ local spins = 0
 while now_ms() < stop do spins = spins + 1 end
 return spins
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _command(port: int, *args: str | int | float, timeout: float) -> bytes:

@@ -7,7 +7,7 @@ the bundle's FM version (HGET), from the keys dare-serve's feature store writes;
 maps raw ids to rows; `faiss.knn` finds each candidate's top K behaviors (exact inner product, time
 bias as an extra dimension); one `InferenceSession.run` scores. It imports nothing from this repository.
 
-    OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 .venv/bin/python benchmarks/peer/plain_app.py \
+    OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 .venv/bin/python -m benchmarks.peer.plain_app \
         --bundle B --redis-url URL [--namespace bench] [--port 8001]
 """
 

@@ -7,7 +7,7 @@ vectors for each candidate's top K with FAISS (exact inner product, `faiss.knn`)
 bundle's ranker.onnx. Requests are coalesced with `@serve.batch`: one Redis pipeline and one ONNX
 Runtime call per batch, the compute in one worker thread so the replica's event loop stays free.
 
-    .venv-peer/bin/python benchmarks/peer/ray_app.py --bundle B --redis-url URL --port P [...]
+    .venv-peer/bin/python -m benchmarks.peer.ray_app --bundle B --redis-url URL --port P [...]
 
 Prints `READY <port>` once it answers, then serves until SIGTERM or SIGINT. With
 `--bench-compute FILE` it serves nothing: it times `Ranker.score` alone, in-process, for each request

@@ -2,7 +2,7 @@
 # Creates .venv-peer: Ray Serve with the same ONNX Runtime, FAISS and numpy versions as the project's
 # .venv, in its own virtualenv so Ray's dependencies never touch the project's. Idempotent.
 #
-#   benchmarks/peer/setup.sh            # then: benchmarks/suite.py --sections f
+#   benchmarks/peer/setup.sh            # then: .venv/bin/python -m benchmarks.suite --sections f
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 PEER="$ROOT/.venv-peer"

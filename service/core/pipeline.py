@@ -12,15 +12,15 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 import numpy as np
 
 from exporters.bundle import Bundle
 from exporters.features import time_buckets
+from feature_store.base import FmLookup, FmStatus
 from service.core.ranking import FeedPool, RankInput, rank_batch, rank_input
-from service.core.search import SearchResult, Stage1Engine, search_keys, search_queries
+from service.core.search import Stage1Engine, checked_result, search_pairs
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -71,36 +71,23 @@ class ScoringModel:
         return self.bundle.manifest.max_seq_len
 
 
-class FmUse(StrEnum):
-    """What the ranker is given for the FM input, and what the response reports."""
-
-    HIT = "hit"
-    MISS = "miss"
-    STALE = "stale"
-
-
 def fm_input(
-    status: str,
-    vector: np.ndarray | None,
-    version: str | None,
-    wanted: str | None,
-    fm_dim: int,
-    use_expired: bool,
-) -> tuple[np.ndarray | None, FmUse]:
+    lookup: FmLookup, wanted: str | None, fm_dim: int, use_expired: bool
+) -> tuple[np.ndarray | None, FmStatus]:
     """The FM vector to feed (None: absent, presence flag 0) and the status to report.
 
     A stale vector of *another* FM version lives in a different embedding space: never fed. A
     stale vector of the bundle's own version is only old (past the TTL): fed when `use_expired`.
     """
-    reported = FmUse(status)
-    if fm_dim == 0 or vector is None or reported is FmUse.MISS:
-        return None, reported
+    status, vector = lookup.status, lookup.vector
+    if fm_dim == 0 or vector is None or status is FmStatus.MISS:
+        return None, status
     if vector.shape != (fm_dim,):
         # Written by another FM than the bundle expects; feeding it would be garbage in.
-        return None, FmUse.MISS
-    if reported is FmUse.STALE and not (use_expired and wanted is not None and version == wanted):
-        return None, reported
-    return np.ascontiguousarray(vector, dtype=np.float32), reported
+        return None, FmStatus.MISS
+    if status is FmStatus.STALE and not (use_expired and wanted is not None and lookup.version == wanted):
+        return None, status
+    return np.ascontiguousarray(vector, dtype=np.float32), status
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -140,29 +127,6 @@ class ScoredJob:
     rank_s: float  # the batch's stage 2 (one ORT call shared by the batch)
 
 
-def search_pairs(model: ScoringModel, job: PreparedJob) -> tuple[np.ndarray, np.ndarray]:
-    """Stage-1 inputs of one request: candidate queries [C, d+1] and behavior keys [L, d+1]."""
-    b = model.bundle
-    assert b.attention is not None and b.time_bias is not None
-    return search_queries(b.attention, job.cand_rows), search_keys(
-        b.attention, b.time_bias, job.beh_rows, job.beh_buckets
-    )
-
-
-def checked_result(model: ScoringModel, job: PreparedJob, res: SearchResult) -> tuple[np.ndarray, np.ndarray]:
-    """Stage-1 positions and scores [C, k] (k = min(K, L)), validated against the request's shape."""
-    c, k = len(job.cand_rows), min(model.top_k, len(job.beh_rows))
-    positions = np.asarray(res.positions, dtype=np.int64)
-    scores = np.asarray(res.scores, dtype=np.float32)
-    if positions.shape != (c, k) or (
-        positions.size and (positions.min() < 0 or positions.max() >= len(job.beh_rows))
-    ):
-        raise RuntimeError(f"stage 1 returned positions of shape {positions.shape}, expected ({c}, {k})")
-    if scores.shape != (c, k) or not np.isfinite(scores).all():
-        raise RuntimeError(f"stage 1 returned scores of shape {scores.shape}, expected ({c}, {k}), finite")
-    return positions, scores
-
-
 _SERIAL = Stage1Engine(threads=1)
 
 
@@ -174,11 +138,18 @@ def score_jobs(
     t0 = time.perf_counter()
     # cold-start users have nothing to search; stage 2 sees no behaviors and all-padding slots
     searched = [i for i, job in enumerate(jobs) if len(job.beh_rows)]
-    results = engine.search([search_pairs(model, jobs[i]) for i in searched], model.top_k)
+    b = model.bundle
+    assert b.attention is not None and b.time_bias is not None
+    pairs = [
+        search_pairs(b.attention, b.time_bias, jobs[i].cand_rows, jobs[i].beh_rows, jobs[i].beh_buckets)
+        for i in searched
+    ]
+    results = engine.search(pairs, model.top_k)
     positions = [np.zeros((len(job.cand_rows), 0), np.int64) for job in jobs]
     scores = [np.zeros((len(job.cand_rows), 0), np.float32) for job in jobs]
     for i, res in zip(searched, results, strict=True):
-        positions[i], scores[i] = checked_result(model, jobs[i], res)
+        job = jobs[i]
+        positions[i], scores[i] = checked_result(res, len(job.cand_rows), len(job.beh_rows), model.top_k)
     search_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     inputs: list[RankInput] = [

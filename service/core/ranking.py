@@ -97,6 +97,20 @@ class _Buffers:
         self.fm_present = np.zeros(batch, np.float32)
 
 
+CANDIDATE_ALIGN = 16
+"""The candidate axis of the feeds is padded to a multiple of this.
+
+ONNX Runtime's CPU element-wise kernels (Log, Exp, ...) compute a tensor in SIMD packets and the
+last elements in a scalar tail, whose results can differ in the last bit. Padding every request's
+rows to a multiple of the packet width puts each score in the same lane alone and in any batch,
+with no tail: batched scores stay bit-identical to unbatched ones (`tests/service/test_batching.py`).
+"""
+
+
+def _padded_candidates(c: int) -> int:
+    return -(-c // CANDIDATE_ALIGN) * CANDIDATE_ALIGN
+
+
 def _grown(have: int, need: int) -> int:
     return max(have, 1 << max(need - 1, 1).bit_length())
 
@@ -129,7 +143,7 @@ class FeedPool:
     def feeds(self, inputs: Sequence[RankInput]) -> tuple[dict[str, np.ndarray], _Buffers]:
         """Padded ONNX feeds of a batch (views into a pooled buffer set) and that set."""
         b = len(inputs)
-        c = max(len(x.cand_rows) for x in inputs)
+        c = _padded_candidates(max(len(x.cand_rows) for x in inputs))
         # at least one behavior column: an all-cold batch still gives the graph a row to gather
         u = max(1, max(len(x.beh_rows) for x in inputs))
         k = self.top_k

@@ -55,6 +55,36 @@ def search_queries(attention: np.ndarray, cand_rows: np.ndarray) -> np.ndarray:
     return queries
 
 
+def search_pairs(
+    attention: np.ndarray,
+    time_bias: np.ndarray,
+    cand_rows: np.ndarray,
+    beh_rows: np.ndarray,
+    beh_buckets: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stage-1 inputs of one request: candidate queries [C, d+1] and behavior keys [L, d+1]."""
+    return search_queries(attention, cand_rows), search_keys(attention, time_bias, beh_rows, beh_buckets)
+
+
+def checked_result(
+    res: SearchResult, n_candidates: int, n_behaviors: int, top_k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Positions and scores [C, k] (k = min(K, L)) of one request, validated against its shape.
+
+    A wrong shape or an out-of-range position from an engine would otherwise index another
+    request's behaviors or crash stage 2 with an unclear error.
+    """
+    c, k = n_candidates, min(top_k, n_behaviors)
+    positions = np.asarray(res.positions, dtype=np.int64)
+    scores = np.asarray(res.scores, dtype=np.float32)
+    out_of_range = positions.size and (positions.min() < 0 or positions.max() >= n_behaviors)
+    if positions.shape != (c, k) or out_of_range:
+        raise RuntimeError(f"stage 1 returned positions of shape {positions.shape}, expected ({c}, {k})")
+    if scores.shape != (c, k) or not np.isfinite(scores).all():
+        raise RuntimeError(f"stage 1 returned scores of shape {scores.shape}, expected ({c}, {k}), finite")
+    return positions, scores
+
+
 def knn_plain(queries: np.ndarray, keys: np.ndarray, k: int) -> SearchResult:
     """Reference stage 1: one `faiss.knn` call (exact inner product, heap selection)."""
     k = min(k, len(keys))

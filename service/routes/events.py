@@ -5,10 +5,8 @@ from __future__ import annotations
 import numpy as np
 from fastapi import APIRouter
 
-from feature_store.errors import FeatureStoreError
 from service.deps import StateDep, WriterDep
 from service.schemas import EventsRequest, EventsResponse, problem_responses
-from service.scoring import store_error, store_error_kind
 
 router = APIRouter(tags=["events"])
 
@@ -23,11 +21,8 @@ async def append_events(body: EventsRequest, state: StateDep, _: WriterDep) -> E
     """Append behaviors atomically; the next score for this user sees them."""
     items = np.fromiter((e.item_id for e in body.events), dtype=np.int64, count=len(body.events))
     times = np.fromiter((e.timestamp for e in body.events), dtype=np.int64, count=len(body.events))
-    try:
-        length = await state.store.append_events(body.user_id, items, times)
-    except FeatureStoreError as exc:
-        state.metrics.feature_store_errors.labels(store_error_kind(exc)).inc()
-        # A timed-out append has an unknown outcome (applied once or not at all); the 503 says retry.
-        raise store_error(exc, state.settings.retry_after_s) from exc
+    # A store error becomes a 503 (`app.feature_store_failed`): a timed-out append has an unknown
+    # outcome (applied once or not at all), and the 503 says retry.
+    length = await state.store.append_events(body.user_id, items, times)
     state.metrics.events_appended.inc(len(body.events))
     return EventsResponse(user_id=body.user_id, appended=len(body.events), sequence_length=length)

@@ -14,12 +14,10 @@ import numpy as np
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-from feature_store.errors import FeatureStoreError
 from service.core.pipeline import ScoringModel
 from service.deps import StateDep
 from service.routes.docs import STATIC_DIR
 from service.schemas import ExampleUser, InspectorExamples
-from service.scoring import store_error, store_error_kind
 
 router = APIRouter(include_in_schema=False)
 
@@ -77,11 +75,7 @@ async def inspector_examples(state: StateDep) -> InspectorExamples:
     if path is None or mtime_ns is None:
         return InspectorExamples(users=[], users_source=None, items=items)
     ids = await asyncio.to_thread(dataset_users, path, mtime_ns, EXAMPLE_USERS)
-    try:
-        found = await state.store.read_users(list(ids))
-    except FeatureStoreError as exc:
-        state.metrics.feature_store_errors.labels(store_error_kind(exc)).inc()
-        raise store_error(exc, state.settings.retry_after_s) from exc
+    found = await state.store.read_users(list(ids))
     # Lengths as stored now (events appended since start-up included), longest first.
     users = sorted(
         (ExampleUser(user_id=f.user_id, sequence_length=len(f.sequence)) for f in found),

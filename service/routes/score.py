@@ -134,7 +134,6 @@ async def score_candidates(
         user_id=body.user_id,
         candidates=np.asarray(body.candidates, dtype=np.int64),
         now=int(time.time()) if body.timestamp is None else body.timestamp,
-        explain=body.explain,
         submitted=started,
     )
     outcome = await state.scorer.score(model, job)

@@ -8,10 +8,8 @@ from fastapi import APIRouter, Path, Query
 from starlette.convertors import Convertor, register_url_convertor
 
 from feature_store.base import MAX_LEN_LIMIT
-from feature_store.errors import FeatureStoreError
 from service.deps import StateDep
 from service.schemas import Event, UserSequence, problem_responses
-from service.scoring import store_error, store_error_kind
 
 
 class AnyText(Convertor[str]):
@@ -44,12 +42,8 @@ async def user_sequence(
     limit: Annotated[int, Query(ge=1, le=MAX_LEN_LIMIT, description="newest behaviors to return")] = 1000,
 ) -> UserSequence:
     """The user's newest `limit` behaviors, oldest first (an unknown user has none)."""
-    try:
-        # The whole stored sequence (at most the store's cap), so the total length is exact.
-        sequence = await state.store.read_sequence(user_id)
-    except FeatureStoreError as exc:
-        state.metrics.feature_store_errors.labels(store_error_kind(exc)).inc()
-        raise store_error(exc, state.settings.retry_after_s) from exc
+    # The whole stored sequence (at most the store's cap), so the total length is exact.
+    sequence = await state.store.read_sequence(user_id)
     items = sequence.items[-limit:].tolist()
     times = sequence.timestamps[-limit:].tolist()
     return UserSequence(

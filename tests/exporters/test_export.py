@@ -203,7 +203,7 @@ def test_stage2_graph_is_the_pytorch_stage2(tmp_path: Path) -> None:
 
 def test_dynamic_batch_candidate_and_behavior_axes(tmp_path: Path) -> None:
     bundle = load_bundle(_export(_ranker("dare"), tmp_path))
-    assert [i.name for i in bundle.inputs] == bundle.manifest.model_extra["onnx"]["inputs"]
+    assert [i.name for i in bundle.session.get_inputs()] == bundle.manifest.model_extra["onnx"]["inputs"]
     for b, c, u in ((1, 1, 1), (3, 17, 5), (8, 200, 900)):
         feeds = {
             "candidates": np.ones((b, c), np.int64),

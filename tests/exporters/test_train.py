@@ -13,7 +13,7 @@ import pytest
 
 from exporters.bundle import load_bundle
 from exporters.fm_embed import compute_user_embeddings, read_embeddings_file, write_embeddings_file
-from tests.conftest import TinyModels, _train
+from tests.conftest import TinyModels, train_tiny
 
 
 def test_results_line_and_bundles(tiny_models: TinyModels) -> None:
@@ -38,12 +38,12 @@ def test_results_line_and_bundles(tiny_models: TinyModels) -> None:
 
 
 def test_training_is_deterministic(tiny_data: Path, tmp_path: Path) -> None:
-    a = _train(tiny_data, "dare", tmp_path / "a")
-    b = _train(tiny_data, "dare", tmp_path / "b")
+    a = train_tiny(tiny_data, "dare", tmp_path / "a")
+    b = train_tiny(tiny_data, "dare", tmp_path / "b")
     assert a["metrics"] == b["metrics"]
     ba, bb = load_bundle(a["bundle"]), load_bundle(b["bundle"])
     np.testing.assert_array_equal(ba.attention, bb.attention)
-    c = _train(tiny_data, "dare", tmp_path / "c", seed=5)
+    c = train_tiny(tiny_data, "dare", tmp_path / "c", seed=5)
     assert not np.array_equal(load_bundle(c["bundle"]).attention, ba.attention)
 
 

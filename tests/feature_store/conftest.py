@@ -13,7 +13,8 @@ import redis
 
 from feature_store.base import FeatureStore
 from feature_store.factory import open_feature_store
-from tests.redis_proc import RedisProcess, free_port
+from service.process import free_port
+from tests.redis_proc import RedisProcess
 
 BACKENDS = ["memory", "redis", "cluster"]
 

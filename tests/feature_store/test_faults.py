@@ -14,8 +14,9 @@ import redis
 from feature_store.base import FeatureStore, UserSequence
 from feature_store.errors import FeatureStoreUnavailable
 from feature_store.factory import open_feature_store
+from service.process import free_port
 from tests.feature_store.helpers import T0, events, pairs
-from tests.redis_proc import RedisProcess, free_port
+from tests.redis_proc import RedisProcess
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -94,6 +95,27 @@ async def test_restart_recovers_without_a_new_store(redis_process: RedisProcess)
         assert await store.append_events("u", np.array([7]), np.array([T0])) == 1
         (feat,) = await store.read_users(["u"])
         assert feat.sequence.items.tolist() == [7]
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.parametrize("how", ["stop", "kill"])
+async def test_restart_while_idle_fails_no_call(redis_process: RedisProcess, how: str) -> None:
+    """Pooled connections to the old process are replaced before use, not found dead by a request."""
+    store = open_feature_store(redis_process.url, timeout_s=TIMEOUT_S)
+    try:
+        # several connections in the pool, all idle when Redis goes away
+        await asyncio.gather(*(store.read_users([f"u{i}"]) for i in range(16)))
+        if how == "stop":
+            redis_process.stop()
+        else:
+            redis_process.kill()
+        redis_process.start()
+        await asyncio.sleep(0.2)  # the event loop sees the old connections' EOF
+        for call in every_call(store) * 4:
+            await call()
+        # and under concurrency, where each call takes another pooled connection
+        await asyncio.gather(*(store.read_users([f"u{i}"]) for i in range(16)))
     finally:
         await store.aclose()
 

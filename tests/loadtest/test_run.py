@@ -14,21 +14,26 @@ import pytest
 
 from loadtest.run import check_host, is_loopback, parse_duration
 from loadtest.workload import WorkloadError
-from tests.loadtest.conftest import Server
-from tests.service.test_serve_process import _cli, _env
+from service.process import ServeProcess, clean_env, dare_serve_command, free_port
+from tests.conftest import TinyModels
 
 
 def loadtest(*args: str, cwd: Path, timeout: float = 150) -> subprocess.CompletedProcess[str]:
     """Run `dare-serve loadtest ARGS` (in cwd, so no .dare/demo dataset is found by accident)."""
     return subprocess.run(
-        [*_cli(), "loadtest", *args], capture_output=True, text=True, cwd=cwd, env=_env(), timeout=timeout
+        [*dare_serve_command(), "loadtest", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=clean_env(),
+        timeout=timeout,
     )
 
 
-def test_bounded_run_against_serve(server: Server, tmp_path: Path) -> None:
+def test_bounded_run_against_serve(server: ServeProcess, tiny_models: TinyModels, tmp_path: Path) -> None:
     out = tmp_path / "lt"
     p = loadtest("--host", server.base, "--users", "8", "--spawn-rate", "8", "--duration", "8s",
-                 "--out", str(out), "--data", str(server.data), "--candidates", "50",
+                 "--out", str(out), "--data", str(tiny_models.data), "--candidates", "50",
                  "--experiment-share", "0.3", "--events-share", "0.1", cwd=tmp_path)  # fmt: skip
     assert p.returncode == 0, p.stderr[-3000:]
     line = json.loads(p.stdout.strip().splitlines()[-1])
@@ -111,8 +116,6 @@ def test_wrong_content_is_counted_as_failures(wrong_server: str, tmp_path: Path)
 
 
 def test_unreachable_server_is_an_error(tmp_path: Path) -> None:
-    from tests.redis_proc import free_port
-
     host = f"http://127.0.0.1:{free_port()}"
     p = loadtest("--host", host, "--duration", "2s", "--out", str(tmp_path / "o"), cwd=tmp_path, timeout=60)
     assert p.returncode == 1 and "cannot reach" in p.stderr, p.stderr

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -24,9 +22,7 @@ import redis
 
 from feature_store import codec
 from feature_store.keys import KeySpace
-from service.readiness import wait_ready
-from tests.redis_proc import free_port
-from tests.service.test_serve_process import _cli, _env
+from service.process import ServeProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("DARE_RELIABILITY_ARTIFACTS", ROOT / "artifacts" / "reliability"))
@@ -39,55 +35,13 @@ LEAKS = ("Traceback", 'File "', "site-packages", "redis.exceptions", "onnxruntim
 # -- the server process ------------------------------------------------------------------------
 
 
-class ServerProcess:
-    """`dare-serve serve` on a free loopback port; settings are DARE_* variables."""
-
-    def __init__(self, workdir: Path, bundles: Path, redis_url: str, **settings: object) -> None:
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log = workdir / f"serve-{self.port}.log"
-        self.bundles, self.redis_url = bundles, redis_url
-        self.env = _env(**{f"DARE_{k.upper()}": str(v) for k, v in settings.items()})
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self, timeout: float = 90.0) -> ServerProcess:
-        cmd = [*_cli(), "serve", "--bundles", str(self.bundles), "--redis-url", self.redis_url,
-               "--host", "127.0.0.1", "--port", str(self.port)]  # fmt: skip
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env)
-        if not wait_ready(self.base, timeout, alive=self.alive):
-            self.stop()
-            raise RuntimeError(f"server not ready: {self.log_text()[-3000:]}")
-        return self
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def stop(self) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
-
-    def __enter__(self) -> ServerProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+def server_process(workdir: Path, bundles: Path, redis_url: str, **settings: object) -> ServeProcess:
+    """`dare-serve serve` on a free loopback port (not started); settings are DARE_* variables by
+    their setting name (`redis_namespace=...`); the log is workdir/serve-<port>.log."""
+    port = free_port()
+    env = {f"DARE_{k.upper()}": str(v) for k, v in settings.items()}
+    log = workdir / f"serve-{port}.log"
+    return ServeProcess(bundles, redis_url=redis_url, env=env, log=log, port=port, ready_timeout=90.0)
 
 
 # -- load --------------------------------------------------------------------------------------

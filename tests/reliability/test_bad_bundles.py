@@ -22,29 +22,28 @@ import httpx
 import pytest
 
 from exporters.bundle import sha256_file
-from tests.conftest import TinyModels
-from tests.reliability.conftest import fill
+from service.process import ServeProcess
+from tests.conftest import ServedData, TinyModels
 from tests.reliability.harness import (
     ADMIN_TOKEN,
     Call,
     Load,
     Record,
-    ServerProcess,
     bad_answers,
     latency_ms,
     problem_issue,
+    server_process,
     statuses,
     write_artifact,
 )
-from tests.service.conftest import ServedData
-from tests.service.test_lifecycle import add_version, truncate
+from tests.support import add_version, truncate
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 @dataclass
 class Env:
-    server: ServerProcess
+    server: ServeProcess
     root: Path
     outside: Path  # a folder next to the bundle root, never inside it
     models: TinyModels
@@ -55,10 +54,10 @@ class Env:
 def env(
     served: ServedData, redis_url: str, tiny_models: TinyModels, bundle_root: Path, workdir: Path
 ) -> Iterator[Env]:
-    namespace = fill(served, redis_url, "bundles")
+    namespace = served.fill_copy(redis_url, "bundles")
     outside = workdir / "outside"
     outside.mkdir()
-    server = ServerProcess(
+    server = server_process(
         workdir, bundle_root, redis_url, redis_namespace=namespace, admin_token=ADMIN_TOKEN
     ).start()
     try:

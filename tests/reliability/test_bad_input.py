@@ -21,18 +21,18 @@ import redis
 
 from feature_store import codec
 from feature_store.keys import KeySpace
-from tests.reliability.conftest import fill
+from service.process import ServeProcess
+from tests.conftest import ServedData
 from tests.reliability.harness import (
     WRITE_TOKEN,
     Call,
     Record,
-    ServerProcess,
     problem_issue,
     send,
+    server_process,
     statuses,
     write_artifact,
 )
-from tests.service.conftest import ServedData
 
 MAX_BODY = 1 << 20  # the default DARE_MAX_BODY_BYTES
 WRITE = {"Authorization": f"Bearer {WRITE_TOKEN}"}
@@ -40,9 +40,9 @@ SENT: list[Record] = []
 
 
 @pytest.fixture(scope="module")
-def server(served: ServedData, redis_url: str, bundle_root: Path, workdir: Path) -> Iterator[ServerProcess]:
-    namespace = fill(served, redis_url, "input")
-    proc = ServerProcess(workdir, bundle_root, redis_url, redis_namespace=namespace, write_token=WRITE_TOKEN)
+def server(served: ServedData, redis_url: str, bundle_root: Path, workdir: Path) -> Iterator[ServeProcess]:
+    namespace = served.fill_copy(redis_url, "input")
+    proc = server_process(workdir, bundle_root, redis_url, redis_namespace=namespace, write_token=WRITE_TOKEN)
     with proc:
         yield proc
     log = proc.log_text()
@@ -63,7 +63,7 @@ def server(served: ServedData, redis_url: str, bundle_root: Path, workdir: Path)
     )
 
 
-def post(server: ServerProcess, path: str, case: str, **kw: Any) -> Record:
+def post(server: ServeProcess, path: str, case: str, **kw: Any) -> Record:
     headers = {**kw.pop("headers", {}), **(WRITE if path == "/v1/events" else {})}
     with httpx.Client(base_url=server.base, timeout=60) as client:
         record = send(client, Call("POST", path, "bad-input", headers=headers, meta=case, **kw))
@@ -178,7 +178,7 @@ BAD: list[tuple[str, str, dict[str, Any], int, str]] = [
 
 @pytest.mark.parametrize("case,path,kw,status,kind", BAD, ids=[c[0] for c in BAD])
 def test_bad_input_gets_a_clear_problem(
-    server: ServerProcess, case: str, path: str, kw: dict[str, Any], status: int, kind: str
+    server: ServeProcess, case: str, path: str, kw: dict[str, Any], status: int, kind: str
 ) -> None:
     r = post(server, path, case, **kw)
     assert problem_issue(r, status) is None, (case, r.status, problem_issue(r, status), r.body[:300])
@@ -193,7 +193,7 @@ def test_bad_input_gets_a_clear_problem(
         assert r.headers.get("connection") == "close"
 
 
-def test_chunked_body_over_the_limit(server: ServerProcess) -> None:
+def test_chunked_body_over_the_limit(server: ServeProcess) -> None:
     def chunks() -> Iterator[bytes]:  # no Content-Length: the limit is enforced while reading
         yield b'{"user_id": "u", "candidates": ['
         for _ in range(MAX_BODY // 30_000 + 2):
@@ -219,7 +219,7 @@ UNICODE_USERS = [
 
 @pytest.mark.parametrize("user", UNICODE_USERS, ids=[ascii(u)[:20] for u in UNICODE_USERS])
 def test_unicode_user_ids_are_served_and_kept_apart(
-    server: ServerProcess, served: ServedData, user: str
+    server: ServeProcess, served: ServedData, user: str
 ) -> None:
     user = f"{user[:240]}-{uuid.uuid4().hex[:8]}"
     events = [{"item_id": served.items[i], "timestamp": served.now - 10 + i} for i in range(3)]
@@ -234,7 +234,7 @@ def test_unicode_user_ids_are_served_and_kept_apart(
     assert seen == {(e["item_id"], e["timestamp"]) for e in events}
 
 
-def test_duplicated_candidates_get_equal_scores(server: ServerProcess, served: ServedData) -> None:
+def test_duplicated_candidates_get_equal_scores(server: ServeProcess, served: ServedData) -> None:
     a, b = served.items[3], served.items[9]
     body = {"user_id": served.fm_users[0], "candidates": [a, a, b, a, b, 10**15], "timestamp": served.now}
     r = post(server, "/v1/score", "duplicated candidates", json=body)
@@ -245,7 +245,7 @@ def test_duplicated_candidates_get_equal_scores(server: ServerProcess, served: S
 
 
 def test_non_finite_stored_fm_vector_fails_that_user_only(
-    server: ServerProcess, served: ServedData, redis_url: str
+    server: ServeProcess, served: ServedData, redis_url: str
 ) -> None:
     """Stored bytes no writer would produce: a NaN FM vector is corrupt data, not a NaN score."""
     bad_user = f"nan-fm-{uuid.uuid4().hex[:8]}"
@@ -264,7 +264,7 @@ def test_non_finite_stored_fm_vector_fails_that_user_only(
     assert "corrupt FM embedding" in server.log_text()
 
 
-def test_service_still_healthy_after_bad_input(server: ServerProcess, served: ServedData) -> None:
+def test_service_still_healthy_after_bad_input(server: ServeProcess, served: ServedData) -> None:
     with httpx.Client(base_url=server.base, timeout=10) as c:
         assert c.get("/readyz").status_code == 200
     r = post(server, "/v1/score", "good request after the bad ones",

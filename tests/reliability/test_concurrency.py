@@ -4,7 +4,6 @@ under load never gives a request one version's model with another version's FM e
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -13,33 +12,31 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 
-from feature_store.factory import open_feature_store
-from tests.conftest import TinyModels
-from tests.reliability.conftest import fill
+from feature_store.fill import fill
+from service.process import ServeProcess
+from tests.conftest import ServedData, TinyModels
 from tests.reliability.harness import (
     ADMIN_TOKEN,
     WRITE_TOKEN,
     Call,
     Load,
-    ServerProcess,
     bad_answers,
     latency_ms,
+    server_process,
     statuses,
     stored_events,
     write_artifact,
 )
-from tests.service.conftest import ServedData
-from tests.service.test_lifecycle import add_version
+from tests.support import add_version
 
 WRITERS, APPENDS_PER_WRITER, SHARED_USERS = 16, 40, 4
 
 
 @dataclass
 class Env:
-    server: ServerProcess
+    server: ServeProcess
     redis_url: str
     namespace: str
     root: Path
@@ -51,8 +48,8 @@ class Env:
 def env(
     served: ServedData, redis_url: str, tiny_models: TinyModels, bundle_root: Path, workdir: Path
 ) -> Iterator[Env]:
-    namespace = fill(served, redis_url, "concurrency")
-    server = ServerProcess(
+    namespace = served.fill_copy(redis_url, "concurrency")
+    server = server_process(
         workdir,
         bundle_root,
         redis_url,
@@ -126,17 +123,6 @@ def test_concurrent_event_writers_lose_and_duplicate_nothing(env: Env) -> None:
     )
 
 
-async def write_fm(env: Env, version: str, vectors: dict[str, np.ndarray], activate: bool) -> None:
-    store = open_feature_store(env.redis_url, timeout_s=10.0, namespace=env.namespace)
-    try:
-        users = sorted(vectors)
-        await store.write_fm_embeddings(version, users, np.stack([vectors[u] for u in users]))
-        if activate:
-            await store.set_active_fm_version(version)
-    finally:
-        await store.aclose()
-
-
 def test_fm_version_switch_under_load_never_mixes_versions(env: Env) -> None:
     served = env.served
     users = served.fm_users[:12]
@@ -169,7 +155,7 @@ def test_fm_version_switch_under_load_never_mixes_versions(env: Env) -> None:
             load.wait_for(40)
             # The switch as docs/feature-store.md describes it: write the new version beside the
             # active one, load a ranker trained against it, then move the pointer.
-            asyncio.run(write_fm(env, new_fm, new_vectors, activate=False))
+            fill(env.redis_url, env.namespace, fm=new_vectors, fm_version=new_fm, activate=False)
             load.wait_for(20)
             v2 = add_version(env.root, env.models.root / "dare" / "1", "dare", 2)
             _set_fm_version(v2, new_fm)
@@ -177,7 +163,7 @@ def test_fm_version_switch_under_load_never_mixes_versions(env: Env) -> None:
             assert r.status_code == 200 and r.json()["serving"]["dare"] == "2", r.text
             t_swap = time.monotonic()
             load.wait_for(20, lambda rec: rec.started > t_swap)
-            asyncio.run(write_fm(env, new_fm, new_vectors, activate=True))
+            fill(env.redis_url, env.namespace, fm=new_vectors, fm_version=new_fm)
             t_active = time.monotonic()
             load.wait_for(40, lambda rec: rec.started > t_active)
         reference[("dare", "2")] = scores("dare")

@@ -19,22 +19,22 @@ from pathlib import Path
 import httpx
 import pytest
 
+from service.process import ServeProcess
+from tests.conftest import ServedData
 from tests.redis_proc import BackgroundCommand, RedisProcess
-from tests.reliability.conftest import fill
 from tests.reliability.harness import (
     Call,
     EventLedger,
     Load,
     Record,
-    ServerProcess,
     bad_answers,
     latency_ms,
     problem_issue,
+    server_process,
     statuses,
     stored_events,
     write_artifact,
 )
-from tests.service.conftest import ServedData
 
 TIMEOUT_MS = 250  # DARE_FEATURE_TIMEOUT_MS of the server under test (the default)
 RETRY_AFTER_S = 2
@@ -53,7 +53,7 @@ SCORERS, WRITERS = 6, 2
 @dataclass
 class Env:
     redis: RedisProcess
-    server: ServerProcess
+    server: ServeProcess
     namespace: str
     served: ServedData
 
@@ -63,8 +63,8 @@ def env(served: ServedData, workdir: Path, bundle_root: Path) -> Iterator[Env]:
     # AOF with fsync every second, as docs/feature-store.md recommends; DEBUG allowed for SLEEP.
     redis = RedisProcess(appendfsync="everysec", debug=True).start()
     try:
-        namespace = fill(served, redis.url, "faults")
-        server = ServerProcess(
+        namespace = served.fill_copy(redis.url, "faults")
+        server = server_process(
             workdir,
             bundle_root,
             redis.url,

@@ -31,10 +31,8 @@ from schemathesis.specs.openapi.checks import (
 
 from service.app import create_app
 from service.settings import Settings
-from tests.conftest import TinyModels
-from tests.reliability.conftest import fill
+from tests.conftest import ServedData, TinyModels
 from tests.reliability.harness import ADMIN_TOKEN, LEAKS, WRITE_TOKEN, write_artifact
-from tests.service.conftest import ServedData
 
 # Not `positive_data_acceptance`: a schema-valid request may be refused by what only the running
 # service knows (an X-Experiment naming no loaded variant: 400; more than DARE_MAX_CANDIDATES: 413).
@@ -56,7 +54,7 @@ def api_schema(tiny_models: TinyModels, served: ServedData, redis_url: str) -> I
     settings_ = Settings(
         bundles=tiny_models.root,
         redis_url=redis_url,
-        redis_namespace=fill(served, redis_url, "fuzz"),
+        redis_namespace=served.fill_copy(redis_url, "fuzz"),
         admin_token=ADMIN_TOKEN,
         write_token=WRITE_TOKEN,
         feature_timeout_ms=2000.0,

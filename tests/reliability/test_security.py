@@ -20,9 +20,9 @@ from fastapi import FastAPI
 from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware
+from service.process import ServeProcess
 from service.registry import ModelRegistry
-from tests.conftest import TinyModels
-from tests.reliability.conftest import fill
+from tests.conftest import ServedData, TinyModels
 from tests.reliability.harness import (
     ADMIN_TOKEN,
     LEAKS,
@@ -30,23 +30,23 @@ from tests.reliability.harness import (
     WRITE_TOKEN,
     Call,
     Record,
-    ServerProcess,
     problem_issue,
     send,
+    server_process,
     statuses,
     write_artifact,
 )
-from tests.service.conftest import ServedData, TestClient
-from tests.service.test_lifecycle import add_version
+from tests.service.conftest import TestClient
+from tests.support import add_version
 
 SOURCES = [ROOT / d for d in ("service", "exporters", "feature_store", "loadtest", "benchmarks")]
 SENT: list[Record] = []
 
 
 @pytest.fixture(scope="module")
-def server(served: ServedData, redis_url: str, bundle_root: Path, workdir: Path) -> Iterator[ServerProcess]:
-    namespace = fill(served, redis_url, "security")
-    proc = ServerProcess(
+def server(served: ServedData, redis_url: str, bundle_root: Path, workdir: Path) -> Iterator[ServeProcess]:
+    namespace = served.fill_copy(redis_url, "security")
+    proc = server_process(
         workdir,
         bundle_root,
         redis_url,
@@ -100,7 +100,7 @@ ENDPOINTS = {
     ids=[f"{path}-{v[0]}" for path, (token, _) in ENDPOINTS.items() for v in _variants(token)],
 )
 def test_bearer_tokens_over_http(
-    server: ServerProcess, path: str, case: str, header: str | None, status: int
+    server: ServeProcess, path: str, case: str, header: str | None, status: int
 ) -> None:
     headers = {} if header is None else {"Authorization": header}
     with httpx.Client(base_url=server.base, timeout=30) as client:
@@ -115,7 +115,7 @@ def test_bearer_tokens_over_http(
         assert r.headers["www-authenticate"].startswith("Bearer")
 
 
-def test_tokens_never_appear_in_answers(server: ServerProcess) -> None:
+def test_tokens_never_appear_in_answers(server: ServeProcess) -> None:
     with httpx.Client(base_url=server.base, timeout=30) as client:
         for path in ("/v1/models", "/metrics", "/openapi.json", "/readyz", "/healthz"):
             text = client.get(path).text

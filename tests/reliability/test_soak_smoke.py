@@ -1,4 +1,4 @@
-"""A short run of benchmarks/soak.py end to end (slow: selected with `-m slow`, skipped otherwise)."""
+"""A short soak run (`python -m benchmarks.soak`) end to end (slow: selected with `-m slow`)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from service.process import clean_env
 from tests.conftest import TinyModels
 from tests.reliability.harness import ROOT
-from tests.service.test_serve_process import _env
 
 pytestmark = [
     pytest.mark.slow,
@@ -24,10 +24,10 @@ pytestmark = [
 
 def test_soak_script_runs_and_reports(tiny_models: TinyModels, tmp_path: Path) -> None:
     out = tmp_path / "soak"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--duration", "15s", "--interval", "1",
+    cmd = [sys.executable, "-m", "benchmarks.soak", "--duration", "15s", "--interval", "1",
            "--users", "2", "--bundles", str(tiny_models.root), "--data", str(tiny_models.data),
            "--out", str(out)]  # fmt: skip
-    p = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300, cwd=tmp_path)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), timeout=300, cwd=ROOT)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     result = json.loads((out / "soak.json").read_text())
     verdict = result["verdict"]

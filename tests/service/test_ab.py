@@ -9,7 +9,8 @@ import pytest
 
 from service.app import create_app
 from service.core.ab import assign_variant, effective_weights, hash_unit
-from tests.service.conftest import ServedData, SettingsFactory, TestClient, score
+from tests.conftest import ServedData
+from tests.service.conftest import SettingsFactory, TestClient, score
 
 
 def test_header_picks_the_variant(client: TestClient, served: ServedData) -> None:

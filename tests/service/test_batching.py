@@ -13,7 +13,8 @@ import pytest
 from service.app import create_app
 from service.batching import Batcher
 from service.errors import ShuttingDown
-from tests.service.conftest import ServedData, SettingsFactory, TestClient
+from tests.conftest import ServedData
+from tests.service.conftest import SettingsFactory, TestClient
 
 N_REQUESTS = 24
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from exporters.bundle import load_bundle
-from service.core.pipeline import FmUse, ScoringModel, fm_input, prepare_job, score_jobs
+from feature_store.base import FmLookup, FmStatus
+from service.core.pipeline import ScoringModel, fm_input, prepare_job, score_jobs
 from service.core.ranking import FeedPool, RankInput, distinct_positions, rank_batch, rank_input
 from service.core.runtime import CPU, CUDA, DeviceUnavailable, choose_providers, session_options
 from service.core.search import Stage1Engine
@@ -18,22 +19,25 @@ VEC = np.arange(4, dtype=np.float32)
 @pytest.mark.parametrize(
     "status,version,wanted,use_expired,fed,reported",
     [
-        ("hit", "fm:1", "fm:1", True, True, FmUse.HIT),
-        ("miss", None, "fm:1", True, False, FmUse.MISS),
-        ("stale", "fm:0", "fm:1", True, False, FmUse.STALE),  # another FM version: never fed
-        ("stale", "fm:1", "fm:1", True, True, FmUse.STALE),  # past the TTL only
-        ("stale", "fm:1", "fm:1", False, False, FmUse.STALE),
+        ("hit", "fm:1", "fm:1", True, True, FmStatus.HIT),
+        ("miss", None, "fm:1", True, False, FmStatus.MISS),
+        ("stale", "fm:0", "fm:1", True, False, FmStatus.STALE),  # another FM version: never fed
+        ("stale", "fm:1", "fm:1", True, True, FmStatus.STALE),  # past the TTL only
+        ("stale", "fm:1", "fm:1", False, False, FmStatus.STALE),
     ],
 )
-def test_fm_input(status: str, version, wanted, use_expired: bool, fed: bool, reported: FmUse) -> None:
+def test_fm_input(status: str, version, wanted, use_expired: bool, fed: bool, reported: FmStatus) -> None:
     vector = None if status == "miss" else VEC
-    got, rep = fm_input(status, vector, version, wanted, 4, use_expired)
+    got, rep = fm_input(FmLookup(FmStatus(status), vector, version, 0.0), wanted, 4, use_expired)
     assert rep is reported and (got is not None) == fed
+    if fed:
+        np.testing.assert_array_equal(got, VEC)
 
 
 def test_fm_input_refuses_wrong_dimension_and_fm_less_models() -> None:
-    assert fm_input("hit", np.zeros(3, np.float32), "fm:1", "fm:1", 4, True) == (None, FmUse.MISS)
-    assert fm_input("hit", VEC, "fm:1", None, 0, True)[0] is None
+    wrong = FmLookup(FmStatus.HIT, np.zeros(3, np.float32), "fm:1", 0.0)
+    assert fm_input(wrong, "fm:1", 4, True) == (None, FmStatus.MISS)
+    assert fm_input(FmLookup(FmStatus.HIT, VEC, "fm:1", 0.0), None, 0, True)[0] is None
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +47,13 @@ def model(tiny_models: TinyModels) -> ScoringModel:
     )
 
 
-def _random_inputs(rng: np.random.Generator, n_items: int, k: int, fm_dim: int, n: int) -> list[RankInput]:
+def _random_inputs(
+    rng: np.random.Generator, n_items: int, k: int, fm_dim: int, n: int, max_c: int = 30
+) -> list[RankInput]:
     """Requests as stage 1 leaves them: per candidate kk <= k distinct positions into a sequence of L."""
     out = []
     for _ in range(n):
-        c, length = int(rng.integers(1, 30)), int(rng.integers(0, 3 * k))
+        c, length = int(rng.integers(1, max_c)), int(rng.integers(0, 3 * k))
         kk = int(rng.integers(0, min(k, length) + 1))
         positions = np.stack([rng.choice(length, kk, replace=False) for _ in range(c)])
         scores = rng.normal(0, 3, (c, kk)).astype(np.float32)
@@ -60,14 +66,21 @@ def _random_inputs(rng: np.random.Generator, n_items: int, k: int, fm_dim: int, 
 def test_batch_padding_never_changes_a_request(model: ScoringModel) -> None:
     rng = np.random.default_rng(0)
     m = model.bundle.manifest
-    inputs = _random_inputs(rng, m.n_items, m.top_k, m.dims.fm, 12)
+    inputs = _random_inputs(rng, m.n_items, m.top_k, m.dims.fm, 48, max_c=80)
     assert len({len(x.beh_rows) for x in inputs}) > 3, "requests should differ in distinct behaviors"
-    together = rank_batch(model.bundle.session, model.feeds, inputs)
-    for x, out in zip(inputs, together, strict=True):
-        alone = rank_batch(model.bundle.session, model.feeds, [x])[0]
-        assert np.array_equal(alone.probabilities, out.probabilities)
-        assert np.array_equal(alone.attention, out.attention)
-        assert out.attention.shape == x.retrieved.shape
+    assert len({len(x.cand_rows) for x in inputs}) > 20, "requests should differ in candidates"
+    alone = [rank_batch(model.bundle.session, model.feeds, [x])[0] for x in inputs]
+    # Bit-identical in a batch with others and after copies of itself: a request's scores then sit
+    # at other offsets of the padded tensors (without candidate padding some land in SIMD tails).
+    batches = [inputs[i : i + 8] for i in range(0, len(inputs), 8)]
+    batches += [[x] * n for x in inputs for n in (2, 3)]
+    for batch in batches:
+        together = rank_batch(model.bundle.session, model.feeds, batch)
+        for x, out in zip(batch, together, strict=True):
+            want = alone[next(i for i, y in enumerate(inputs) if y is x)]
+            assert np.array_equal(want.probabilities, out.probabilities)
+            assert np.array_equal(want.attention, out.attention)
+            assert out.attention.shape == x.retrieved.shape
 
 
 @pytest.mark.parametrize("length,c,k", [(0, 3, 0), (1, 2, 1), (50, 7, 16), (5000, 40, 16)])
@@ -96,16 +109,18 @@ def test_feed_pool_grows_and_reuses() -> None:
     cold = rank_input(np.ones(1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64),
                       np.zeros((1, 0), np.int64), np.zeros((1, 0)), None)  # fmt: skip
     feeds, buf = pool.feeds([x, cold])
-    assert feeds["retrieved"].shape == (2, 3, 4) and feeds["retrieved"].flags.c_contiguous
+    # candidates padded to CANDIDATE_ALIGN (16), the padding masked
+    assert feeds["retrieved"].shape == (2, 16, 4) and feeds["retrieved"].flags.c_contiguous
     assert feeds["behaviors"].shape == (2, 4) and feeds["behaviors"].flags.c_contiguous
     assert feeds["behaviors"][0].tolist() == [0, 1, 2, 4] and feeds["behaviors"][1].tolist() == [0, 0, 0, 0]
-    assert feeds["retrieved"][0].tolist() == [[0, 3, 0, 0], [3, 1, 0, 0], [2, 0, 0, 0]]
-    assert feeds["mask"][0, :, 2:].sum() == 0 and feeds["mask"][0, :, :2].all()
-    assert feeds["mask"][1].sum() == 0 and feeds["candidates"][1].tolist() == [1, 0, 0]
-    assert buf.rows >= 6 and buf.distinct >= 8 and feeds["fm_present"].tolist() == [0.0, 0.0]
+    assert feeds["retrieved"][0, :3].tolist() == [[0, 3, 0, 0], [3, 1, 0, 0], [2, 0, 0, 0]]
+    assert feeds["mask"][0, :, 2:].sum() == 0 and feeds["mask"][0, :3, :2].all()
+    assert feeds["mask"][0, 3:].sum() == 0 and feeds["retrieved"][0, 3:].sum() == 0
+    assert feeds["mask"][1].sum() == 0 and feeds["candidates"][1].tolist() == [1] + [0] * 15
+    assert buf.rows >= 32 and buf.distinct >= 8 and feeds["fm_present"].tolist() == [0.0, 0.0]
     pool.give_back(buf)
     small, again = pool.feeds([x])
-    assert again is buf and small["candidates"].shape == (1, 3) and small["behaviors"].shape == (1, 4)
+    assert again is buf and small["candidates"].shape == (1, 16) and small["behaviors"].shape == (1, 4)
     pool.give_back(again)
     only_cold, _ = pool.feeds([cold])
     assert only_cold["behaviors"].shape == (1, 1), "the graph always gets a behavior to gather"

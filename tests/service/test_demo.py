@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from service import demo
-from tests.redis_proc import free_port
+from service.process import free_port
 
 
 @pytest.fixture()

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from service.app import create_app
-from tests.service.conftest import ServedData, SettingsFactory, TestClient, is_problem
+from tests.conftest import ServedData
+from tests.service.conftest import SettingsFactory, TestClient, is_problem
 
 OK_USER = "u-errors"
 

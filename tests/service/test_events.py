@@ -7,7 +7,8 @@ import uuid
 import numpy as np
 
 from service.app import create_app
-from tests.service.conftest import WRITE_TOKEN, ServedData, SettingsFactory, TestClient, is_problem
+from tests.conftest import ServedData
+from tests.service.conftest import WRITE_TOKEN, SettingsFactory, TestClient, is_problem
 
 
 def test_appended_events_are_seen_by_the_next_score(client: TestClient, served: ServedData) -> None:

@@ -15,8 +15,8 @@ from exporters.offline import load_torch_model, score_offline
 from feature_store.base import UserSequence
 from feature_store.factory import open_feature_store
 from service.app import create_app
-from tests.conftest import TinyModels
-from tests.service.conftest import ServedData, SettingsFactory, TestClient
+from tests.conftest import ServedData, TinyModels
+from tests.service.conftest import SettingsFactory, TestClient
 
 ATOL = 1e-5
 

@@ -12,9 +12,9 @@ from exporters.bundle import load_bundle
 from feature_store.base import MAX_LEN_LIMIT
 from service.app import create_app
 from service.routes.inspector import EXAMPLE_ITEMS, EXAMPLE_USERS
-from tests.conftest import TinyModels
+from tests.conftest import ServedData, TinyModels
 from tests.redis_proc import RedisProcess
-from tests.service.conftest import ServedData, SettingsFactory, TestClient, is_problem
+from tests.service.conftest import SettingsFactory, TestClient, is_problem
 
 
 def _events(history: tuple[np.ndarray, np.ndarray]) -> list[dict[str, int]]:

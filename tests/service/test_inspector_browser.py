@@ -8,11 +8,7 @@ shows is compared with what the API answers for the same request. A screenshot i
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,22 +18,22 @@ import httpx
 import pandas as pd
 import pytest
 
-from exporters.bundle import load_bundle
-from exporters.fm_embed import compute_user_embeddings, write_embeddings_file
-from service.readiness import wait_ready
+from service.process import ServeProcess
 from service.routes.inspector import EXAMPLE_USERS
-from tests.conftest import TinyModels
-from tests.redis_proc import free_port
+from tests.conftest import TinyModels, read_events
+
+try:
+    from selenium import webdriver
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+except ImportError:
+    pytest.skip("needs selenium (the dev extra)", allow_module_level=True)
 
 ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOT = ROOT / "artifacts" / "inspector.png"
 WAIT_S = 30
-
-webdriver = pytest.importorskip("selenium.webdriver")
-from selenium.common.exceptions import TimeoutException  # noqa: E402
-from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -47,34 +43,14 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_models: TinyModels, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(
+    tiny_models: TinyModels, tiny_fm_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
     """`dare-serve serve` with the in-memory store filled from the tiny dataset and FM embeddings."""
-    work = tmp_path_factory.mktemp("inspector")
-    events = pd.read_parquet(tiny_models.data / "events.parquet", columns=["user_id", "item_id", "timestamp"])
-    embeddings = work / "fm.parquet"
-    write_embeddings_file(
-        compute_user_embeddings(load_bundle(tiny_models.fm), events, progress=False), embeddings
-    )
-    port = free_port()
-    script = Path(sys.executable).parent / "dare-serve"
-    cli = [str(script)] if script.exists() else [sys.executable, "-m", "service.cli"]
-    cmd = [*cli, "serve", "--bundles", str(tiny_models.root), "--data", str(tiny_models.data),
-           "--fm-embeddings", str(embeddings), "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DARE_")}
-    log = work / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        assert wait_ready(base, 60, alive=lambda: proc.poll() is None), log.read_text()[-2000:]
-        yield Server(base, events)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+    log = tmp_path_factory.mktemp("inspector") / "serve.log"
+    args = ["--data", str(tiny_models.data), "--fm-embeddings", str(tiny_fm_file)]
+    with ServeProcess(tiny_models.root, args=args, log=log, ready_timeout=60) as proc:
+        yield Server(proc.base, read_events(tiny_models.data))
 
 
 @pytest.fixture(scope="module")

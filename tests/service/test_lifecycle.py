@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import threading
@@ -13,26 +12,11 @@ from typing import Any
 import pytest
 
 from service.app import create_app
-from tests.conftest import TinyModels
-from tests.service.conftest import ADMIN_TOKEN, ServedData, SettingsFactory, TestClient, copy_root, is_problem
+from tests.conftest import ServedData, TinyModels
+from tests.service.conftest import ADMIN_TOKEN, SettingsFactory, TestClient, is_problem
+from tests.support import add_version, copy_root, truncate
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-
-
-def add_version(root: Path, source: Path, variant: str, version: int) -> Path:
-    """Copy a bundle folder into ROOT/<variant>/<version> with a manifest that says so."""
-    dest = root / variant / str(version)
-    tmp = root / variant / f".incoming-{version}"
-    shutil.copytree(source, tmp)
-    manifest = json.loads((tmp / "manifest.json").read_text())
-    manifest |= {"variant": variant, "version": str(version)}
-    (tmp / "manifest.json").write_text(json.dumps(manifest))
-    tmp.rename(dest)  # appear at once, as write_bundle does
-    return dest
-
-
-def truncate(path: Path) -> None:
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
 class Load:
@@ -72,7 +56,7 @@ class Load:
 def test_reload_swaps_atomically_under_load(
     tmp_path: Path, tiny_models: TinyModels, make_settings: SettingsFactory, served: ServedData
 ) -> None:
-    root = copy_root(tiny_models, tmp_path / "root")
+    root = copy_root(tiny_models.root, tmp_path / "root")
     body = {"user_id": served.fm_users[0], "candidates": served.items[:40], "timestamp": served.now}
     settings = make_settings(bundles=root, admin_token=ADMIN_TOKEN, batch_max_wait_ms=2.0)
     with TestClient(create_app(settings)) as c:
@@ -111,7 +95,7 @@ def test_reload_swaps_atomically_under_load(
 def test_corrupt_index_is_refused_and_previous_keeps_serving(
     tmp_path: Path, tiny_models: TinyModels, make_settings: SettingsFactory, served: ServedData
 ) -> None:
-    root = copy_root(tiny_models, tmp_path / "root")
+    root = copy_root(tiny_models.root, tmp_path / "root")
     with TestClient(create_app(make_settings(bundles=root, admin_token=ADMIN_TOKEN))) as c:
         v2 = add_version(root, tiny_models.root / "dare" / "1", "dare", 2)
         data = bytearray((v2 / "attention.faiss").read_bytes())
@@ -134,7 +118,7 @@ def test_startup_skips_invalid_newest_versions(
     make_settings: SettingsFactory,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    root = copy_root(tiny_models, tmp_path / "root")
+    root = copy_root(tiny_models.root, tmp_path / "root")
     truncate(add_version(root, tiny_models.root / "dare" / "1", "dare", 2) / "attention.faiss")
     mislabeled = root / "dare" / "3"
     shutil.copytree(tiny_models.root / "dare" / "1", mislabeled)  # manifest still says version 1
@@ -153,7 +137,7 @@ def test_startup_skips_invalid_newest_versions(
 def test_directory_watch_loads_new_versions(
     tmp_path: Path, tiny_models: TinyModels, make_settings: SettingsFactory
 ) -> None:
-    root = copy_root(tiny_models, tmp_path / "root")
+    root = copy_root(tiny_models.root, tmp_path / "root")
     settings = make_settings(bundles=root, watch_bundles=True, watch_interval_s=0.05)
     with TestClient(create_app(settings)) as c:
         add_version(root, tiny_models.root / "coupled" / "1", "coupled", 2)

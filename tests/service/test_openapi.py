@@ -9,7 +9,8 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from service.cli import app
-from tests.service.conftest import ServedData, TestClient
+from tests.conftest import ServedData
+from tests.service.conftest import TestClient
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "service.md"
 # The published contract, checked in; any change to the live schema shows up as a diff against it.

@@ -7,12 +7,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from feature_store.fill import fill
 from feature_store.memory_store import InMemoryFeatureStore
 from service.app import create_app
 from service.metrics import Metrics
-from service.scoring import ScoreJob, Scorer
+from service.scoring import BatchScorer, ScoreJob
+from tests.conftest import ServedData
 from tests.redis_proc import RedisProcess
-from tests.service.conftest import ServedData, SettingsFactory, TestClient, is_problem, load_into
+from tests.service.conftest import SettingsFactory, TestClient, is_problem
 
 TIMEOUT_MS = 200.0
 
@@ -22,7 +24,13 @@ def test_redis_down_gives_fast_503_and_recovers(
 ) -> None:
     user = served.fm_users[0]
     subset = served.events[served.events["user_id"] == user]
-    load_into(redis_process.url, "outage", subset, {user: served.fm_vectors[user]}, served.fm_version)
+    fill(
+        redis_process.url,
+        "outage",
+        events=subset,
+        fm={user: served.fm_vectors[user]},
+        fm_version=served.fm_version,
+    )
     settings = make_settings(
         redis_url=redis_process.url, redis_namespace="outage", feature_timeout_ms=TIMEOUT_MS, retry_after_s=3
     )
@@ -70,7 +78,7 @@ def test_redis_down_gives_fast_503_and_recovers(
 
 def test_queueing_counts_against_the_feature_budget_only_while_the_store_fails() -> None:
     with ThreadPoolExecutor(1) as pool:
-        scorer = Scorer(
+        scorer = BatchScorer(
             InMemoryFeatureStore(),
             pool,
             Metrics(),
@@ -79,7 +87,7 @@ def test_queueing_counts_against_the_feature_budget_only_while_the_store_fails()
             feature_timeout_s=0.25,
         )
         now = time.perf_counter()
-        jobs = [ScoreJob(u, np.array([1]), 0, False, now - waited) for u, waited in (("a", 0.1), ("b", 0.3))]
+        jobs = [ScoreJob(u, np.array([1]), 0, now - waited) for u, waited in (("a", 0.1), ("b", 0.3))]
         assert scorer.feature_budget(jobs) is None  # healthy: a slow queue is never a 503
         scorer.store_failing = True
         assert scorer.feature_budget(jobs) < -0.04  # the oldest request has used up its 0.25 s

@@ -13,8 +13,8 @@ import pytest
 from exporters.bundle import read_manifest
 from exporters.offline import load_torch_model, score_offline
 from service.app import create_app
-from tests.conftest import TinyModels
-from tests.service.conftest import ServedData, TestClient, score
+from tests.conftest import ServedData, TinyModels
+from tests.service.conftest import TestClient, score
 
 # ONNX Runtime vs PyTorch float32 kernels: differences stay far below this (seen: ~1e-7).
 PARITY_ATOL = 1e-5

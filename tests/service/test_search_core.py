@@ -11,6 +11,7 @@ from hypothesis.extra import numpy as hnp
 from service.core.search import (
     SearchResult,
     Stage1Engine,
+    checked_result,
     knn_exact,
     knn_plain,
     search_keys,
@@ -225,3 +226,23 @@ def test_keys_and_queries_fold_the_time_bias() -> None:
     keys = search_keys(attention, bias, np.array([1, 3]), np.array([1, 0]))
     np.testing.assert_array_equal(keys, [[3, 4, 5, -1.0], [9, 10, 11, 0.5]])
     np.testing.assert_array_equal(search_queries(attention, np.array([2])), [[6, 7, 8, 1.0]])
+
+
+def test_checked_result_refuses_what_would_score_the_wrong_behaviors() -> None:
+    good = SearchResult(np.array([[2, 0], [1, 2]]), np.array([[0.5, 0.1], [0.3, 0.2]], np.float32))
+    positions, scores = checked_result(good, n_candidates=2, n_behaviors=3, top_k=2)
+    assert positions.dtype == np.int64 and scores.dtype == np.float32
+    np.testing.assert_array_equal(positions, [[2, 0], [1, 2]])
+    bad = [
+        (SearchResult(np.array([[2, 3], [1, 2]]), good.scores), "positions"),  # past the sequence
+        (SearchResult(np.array([[2, -1], [1, 2]]), good.scores), "positions"),
+        (SearchResult(good.positions[:1], good.scores[:1]), "positions"),  # a candidate missing
+        (SearchResult(good.positions, np.array([[np.nan, 0.1], [0.3, 0.2]], np.float32)), "scores"),
+        (SearchResult(good.positions, good.scores[:, :1]), "scores"),
+    ]
+    for res, what in bad:
+        with pytest.raises(RuntimeError, match=f"stage 1 returned {what}"):
+            checked_result(res, n_candidates=2, n_behaviors=3, top_k=2)
+    # k = min(K, L): a top-64 over 2 behaviors must have 2 columns, each position below 2
+    with pytest.raises(RuntimeError, match="expected \\(2, 2\\)"):
+        checked_result(good, n_candidates=2, n_behaviors=2, top_k=64)

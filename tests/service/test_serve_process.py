@@ -2,43 +2,23 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
-from service.readiness import wait_ready
-from tests.conftest import TinyModels
-from tests.redis_proc import free_port
-from tests.service.conftest import ServedData
-
-
-def _cli() -> list[str]:
-    script = Path(sys.executable).parent / "dare-serve"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "service.cli"]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DARE_")}
-    return env | extra
+from service.process import ServeProcess, clean_env, dare_serve_command
+from tests.conftest import ServedData, TinyModels
 
 
 def test_serve_process_end_to_end(tiny_models: TinyModels, served: ServedData, tmp_path: Path) -> None:
-    port = free_port()
     log = tmp_path / "serve.log"
-    cmd = [*_cli(), "serve", "--bundles", str(tiny_models.root), "--redis-url", served.redis_url,
-           "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(DARE_REDIS_NAMESPACE=served.namespace)
-        )
-    base = f"http://127.0.0.1:{port}"
+    env = {"DARE_REDIS_NAMESPACE": served.namespace}
+    server = ServeProcess(tiny_models.root, redis_url=served.redis_url, env=env, log=log, ready_timeout=60)
+    base = server.start().base
     try:
-        assert wait_ready(base, 60, alive=lambda: proc.poll() is None), log.read_text()[-2000:]
         user = served.fm_users[0]
         r = httpx.post(
             base + "/v1/score",
@@ -55,12 +35,7 @@ def test_serve_process_end_to_end(tiny_models: TinyModels, served: ServedData, t
         models = httpx.get(base + "/v1/models").json()
         assert models["device"]["execution_providers"][-1] == "CPUExecutionProvider"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(20)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+        code = server.stop()
     text = log.read_text()
     # uvicorn re-raises the signal after a graceful shutdown, so SIGTERM is the exit status
     assert code in (0, -signal.SIGTERM) and "Application shutdown complete" in text, text[-2000:]
@@ -76,5 +51,11 @@ def test_serve_process_end_to_end(tiny_models: TinyModels, served: ServedData, t
     ],
 )
 def test_serve_refuses_bad_settings(args: list[str], env: dict[str, str], message: str) -> None:
-    p = subprocess.run([*_cli(), "serve", *args], capture_output=True, text=True, env=_env(**env), timeout=60)
+    p = subprocess.run(
+        [*dare_serve_command(), "serve", *args],
+        capture_output=True,
+        text=True,
+        env=clean_env(env),
+        timeout=60,
+    )
     assert p.returncode == 2 and message in p.stderr, p.stderr
