@@ -58,6 +58,7 @@ class DepthResult:
     mean_read: float
     auc: float
     auc_long: float
+    gauc: float  # per-user AUC, impression-weighted: blind to a shift of a whole user's scores
     delta_long: tuple[float, float, float]  # AUC - baseline's, long histories: 2.5 %, value, 97.5 %
     planted: dict[str, float]
     planted_long: dict[str, float]
@@ -170,7 +171,7 @@ def train_once(data: Path, out: Path, window: int, epochs: int, seed: int) -> di
 def run(args: argparse.Namespace, work: Path) -> tuple[list[str], list[DepthResult]]:
     from exporters.bundle import load_bundle
     from exporters.dataset import read_dataset
-    from exporters.metrics import auc
+    from exporters.metrics import auc, gauc
     from exporters.retrieval import csr_take, planted_metrics
     from exporters.samples import TEST, ItemVocab, build_samples, related_positions
     from exporters.synth import SynthConfig, write_synth
@@ -189,6 +190,7 @@ def run(args: argparse.Namespace, work: Path) -> tuple[list[str], list[DepthResu
         max_seq_len=args.max_seq_len,
         seed=args.seed,
         dormant_share=args.dormant_share,
+        impressions_per_user=args.impressions_per_user,
     )
     counts = write_synth(work / "data", cfg)["counts"]
     print(f"data: {counts['events']:,} events, {counts['impressions']:,} impressions", file=sys.stderr)
@@ -202,6 +204,7 @@ def run(args: argparse.Namespace, work: Path) -> tuple[list[str], list[DepthResu
     hist_len = s.hist_end[test_idx] - start
     long = hist_len > windows[0]
     labels = s.label[test_idx]
+    test_users = s.user_index[test_idx]
 
     # the longest users, their whole sequences in the in-memory store (cap: the longest)
     lengths = np.bincount(s.event_user, minlength=len(s.users))
@@ -254,6 +257,7 @@ def run(args: argparse.Namespace, work: Path) -> tuple[list[str], list[DepthResu
                     float(read.mean()),
                     auc(labels, probs),
                     auc(labels[long], probs[long]),
+                    gauc(test_users, labels, probs),
                     paired_delta(labels[long], probs[long], base[long], args.seed),
                     planted_all,
                     planted_long,
@@ -265,7 +269,8 @@ def run(args: argparse.Namespace, work: Path) -> tuple[list[str], list[DepthResu
     notes = [
         f"Data: `SynthConfig(users={cfg.users}, items={cfg.items}, categories={cfg.categories}, "
         f"min_seq_len={cfg.min_seq_len}, max_seq_len={cfg.max_seq_len}, dormant_share={cfg.dormant_share}, "
-        f"seed={cfg.seed})`: {counts['events']:,} events, {counts['impressions']:,} impressions; "
+        f"impressions_per_user={cfg.impressions_per_user:g}, seed={cfg.seed})`: "
+        f"{counts['events']:,} events, {counts['impressions']:,} impressions; "
         f"{len(test_idx):,} test impressions, {int(long.sum()):,} of them with more than {windows[0]:,} "
         f'behaviors of history ("long"; mean history {hist_len.mean():,.0f}, max {hist_len.max():,}).',
         f"`dare` models (K=64, attention d=16, `train` defaults, seed {args.seed}), one per training window: "
@@ -283,7 +288,7 @@ def run(args: argparse.Namespace, work: Path) -> tuple[list[str], list[DepthResu
 
 def table(results: list[DepthResult]) -> list[str]:
     header = [
-        "training window", "serving depth", "behaviors read (mean)", "AUC", "AUC, long",
+        "training window", "serving depth", "behaviors read (mean)", "AUC", "AUC, long", "GAUC",
         "AUC - baseline, long (95% CI)", "planted recall@K", "planted precision@K", "planted recall@K, long",
         "feature ms", "stage 1 ms", "stage 2 ms",
     ]  # fmt: skip
@@ -294,6 +299,7 @@ def table(results: list[DepthResult]) -> list[str]:
             f"{r.mean_read:,.0f}",
             f"{r.auc:.4f}",
             f"{r.auc_long:.4f}",
+            f"{r.gauc:.4f}",
             f"{r.delta_long[1]:+.4f} ({r.delta_long[0]:+.4f}, {r.delta_long[2]:+.4f})",
             f"{r.planted['recall_at_k']:.3f}",
             f"{r.planted['precision_at_k']:.3f}",
@@ -363,6 +369,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--min-seq-len", type=int, default=1_000)
     ap.add_argument("--max-seq-len", type=int, default=16_000)
     ap.add_argument("--dormant-share", type=float, default=0.5)
+    ap.add_argument("--impressions-per-user", type=float, default=24.0)
     ap.add_argument("--train-windows", default="2000", help="one model per window; the first is the baseline")
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--depths", default="1000,2000,10000,full")

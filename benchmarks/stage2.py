@@ -156,7 +156,9 @@ class Request:
         with torch.no_grad():
             attention = model.item_attention_table()
             bias = model.time_bias().numpy().astype(np.float32)
-        pair = (search_queries(attention, self.cand), search_keys(attention, bias, self.rows, self.buckets))
+        table = np.zeros((len(attention), attention.shape[1] + 1), np.float32)
+        table[:, :-1] = attention
+        pair = (search_queries(table, self.cand), search_keys(table, bias, self.rows, self.buckets))
         res = Stage1Engine(threads=1).search([pair], TOP_K)[0]
         self.positions, self.scores = res.positions, res.scores
         self.fm = np.random.default_rng(SEED + user).standard_normal(FM_DIM).astype(np.float32)

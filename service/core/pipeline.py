@@ -35,7 +35,7 @@ class ScoringModel:
     @classmethod
     def from_bundle(cls, bundle: Bundle) -> ScoringModel:
         """Wrap a verified ranker bundle and run it once, so no request pays ORT's first-run setup."""
-        if bundle.manifest.model == "fm" or bundle.attention is None or bundle.time_bias is None:
+        if bundle.manifest.model == "fm" or bundle.search_table is None or bundle.time_bias is None:
             raise ValueError(f"{bundle.path} is not a ranker bundle")
         m = bundle.manifest
         model = cls(bundle, FeedPool(m.top_k, m.dims.fm), tuple(bundle.session.get_providers()), time.time())
@@ -139,9 +139,9 @@ def score_jobs(
     # cold-start users have nothing to search; stage 2 sees no behaviors and all-padding slots
     searched = [i for i, job in enumerate(jobs) if len(job.beh_rows)]
     b = model.bundle
-    assert b.attention is not None and b.time_bias is not None
+    assert b.search_table is not None and b.time_bias is not None
     pairs = [
-        search_pairs(b.attention, b.time_bias, jobs[i].cand_rows, jobs[i].beh_rows, jobs[i].beh_buckets)
+        search_pairs(b.search_table, b.time_bias, jobs[i].cand_rows, jobs[i].beh_rows, jobs[i].beh_buckets)
         for i in searched
     ]
     results = engine.search(pairs, model.top_k)

@@ -38,32 +38,34 @@ class SearchResult:
 
 
 def search_keys(
-    attention: np.ndarray, time_bias: np.ndarray, beh_rows: np.ndarray, beh_buckets: np.ndarray
+    table: np.ndarray, time_bias: np.ndarray, beh_rows: np.ndarray, beh_buckets: np.ndarray
 ) -> np.ndarray:
-    """[L, d+1] float32 keys: each behavior's attention vector and its time bias."""
-    keys = np.empty((len(beh_rows), attention.shape[1] + 1), dtype=np.float32)
-    keys[:, :-1] = attention[beh_rows]
+    """[L, d+1] float32 keys: each behavior's attention vector and its time bias.
+
+    `table` is a bundle's `search_table`: attention rows with a free last column, so one gather
+    (`np.take`, a quarter of the time of fancy indexing plus a copy) builds the keys.
+    """
+    keys = np.take(table, beh_rows, axis=0)
     keys[:, -1] = time_bias[beh_buckets]
     return keys
 
 
-def search_queries(attention: np.ndarray, cand_rows: np.ndarray) -> np.ndarray:
+def search_queries(table: np.ndarray, cand_rows: np.ndarray) -> np.ndarray:
     """[C, d+1] float32 queries: each candidate's attention vector and a 1 for the time bias."""
-    queries = np.empty((len(cand_rows), attention.shape[1] + 1), dtype=np.float32)
-    queries[:, :-1] = attention[cand_rows]
+    queries = np.take(table, cand_rows, axis=0)
     queries[:, -1] = 1.0
     return queries
 
 
 def search_pairs(
-    attention: np.ndarray,
+    table: np.ndarray,
     time_bias: np.ndarray,
     cand_rows: np.ndarray,
     beh_rows: np.ndarray,
     beh_buckets: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Stage-1 inputs of one request: candidate queries [C, d+1] and behavior keys [L, d+1]."""
-    return search_queries(attention, cand_rows), search_keys(attention, time_bias, beh_rows, beh_buckets)
+    return search_queries(table, cand_rows), search_keys(table, time_bias, beh_rows, beh_buckets)
 
 
 def checked_result(

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from exporters.bundle import BundleError, load_bundle, sha256_file
+from exporters.bundle import Bundle, BundleError, load_bundle, sha256_file
 from exporters.export import export_fm, export_ranker
 from exporters.features import time_buckets
 from exporters.models import FmConfig, FoundationModel, RankerConfig, TwoStageRanker
@@ -100,8 +100,8 @@ def _served_scores(bundle, cand_rows, hist_rows, hist_ts, now, fm=None, present=
     """Stage 1 with FAISS over the bundle's index, stage 2 with ONNX Runtime on its scores."""
     buckets = time_buckets(now - hist_ts)
     res = knn_plain(
-        search_queries(bundle.attention, cand_rows),
-        search_keys(bundle.attention, bundle.time_bias, hist_rows, buckets),
+        search_queries(bundle.search_table, cand_rows),
+        search_keys(bundle.search_table, bundle.time_bias, hist_rows, buckets),
         K,
     )
     feeds = _stage2_feeds(cand_rows, hist_rows, buckets, res.positions, res.scores, fm, present)
@@ -146,8 +146,8 @@ def test_search_scores_are_attention_logits(tmp_path: Path) -> None:
     rows = np.arange(1, 40)
     buckets = np.arange(39) % 20
     res = knn_plain(
-        search_queries(bundle.attention, np.array([3])),
-        search_keys(bundle.attention, bundle.time_bias, rows, buckets),
+        search_queries(bundle.search_table, np.array([3])),
+        search_keys(bundle.search_table, bundle.time_bias, rows, buckets),
         5,
     )
     with torch.no_grad():
@@ -363,3 +363,23 @@ def test_versions_increase(tmp_path: Path) -> None:
     paths = [_export(model, tmp_path) for _ in range(3)]
     assert [p.name for p in paths] == ["1", "2", "3"]
     assert not list((tmp_path / "dare").glob(".incoming-*"))
+
+
+@pytest.mark.parametrize(
+    "ids,dense",
+    [([5, 7, 100], True), ([0, 3, 4], True), ([2**40, 2**40 + 9], False), ([10**6, 3 * 10**7], False)],
+)
+def test_row_lookup_matches_the_binary_search(ids: list[int], dense: bool) -> None:
+    """A dense id table where the ids are compact, the binary search where not: the same rows."""
+    from exporters.bundle import dense_row_table, item_rows
+
+    item_ids = np.array([-1, *ids], np.int64)
+    table = dense_row_table(item_ids)
+    assert (table is not None) == dense, "a dense table only when it stays small"
+    unknown = [x for x in (-5, -1, 0, 1, 6, ids[-1] + 1, ids[-1] * 3, 2**62, -(2**62)) if x not in ids]
+    probe = np.array([*ids, *unknown], np.int64)
+    want = item_rows(item_ids, probe)
+    assert want[: len(ids)].tolist() == list(range(1, len(ids) + 1)) and not want[len(ids) :].any()
+    bundle = Bundle(Path("."), None, item_ids, np.zeros(len(item_ids), np.int64), None)  # type: ignore[arg-type]
+    got = bundle.rows(probe)
+    assert got.dtype == np.int64 and got.tolist() == want.tolist()

@@ -159,8 +159,8 @@ def test_offline_model_matches_bundle_graph(tiny_models: TinyModels) -> None:
     want = score_offline(model, bundle.item_ids, hist_items, hist_ts, cands, now, fm)
     rows, buckets = bundle.rows(hist_items), time_buckets(now - hist_ts)
     res = knn_plain(
-        search_queries(bundle.attention, bundle.rows(cands)),
-        search_keys(bundle.attention, bundle.time_bias, rows, buckets),
+        search_queries(bundle.search_table, bundle.rows(cands)),
+        search_keys(bundle.search_table, bundle.time_bias, rows, buckets),
         16,
     )
     distinct, index = np.unique(res.positions, return_inverse=True)

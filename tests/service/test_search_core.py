@@ -221,11 +221,13 @@ def test_engine_splits_and_reassembles(threads: int) -> None:
 
 
 def test_keys_and_queries_fold_the_time_bias() -> None:
-    attention = np.arange(12, dtype=np.float32).reshape(4, 3)
+    table = np.zeros((4, 4), np.float32)  # a search table: attention rows, a free last column
+    table[:, :-1] = np.arange(12, dtype=np.float32).reshape(4, 3)
     bias = np.array([0.5, -1.0], np.float32)
-    keys = search_keys(attention, bias, np.array([1, 3]), np.array([1, 0]))
+    keys = search_keys(table, bias, np.array([1, 3]), np.array([1, 0]))
     np.testing.assert_array_equal(keys, [[3, 4, 5, -1.0], [9, 10, 11, 0.5]])
-    np.testing.assert_array_equal(search_queries(attention, np.array([2])), [[6, 7, 8, 1.0]])
+    np.testing.assert_array_equal(search_queries(table, np.array([2])), [[6, 7, 8, 1.0]])
+    assert not table[:, -1].any(), "the bundle's table is left as it was"
 
 
 def test_checked_result_refuses_what_would_score_the_wrong_behaviors() -> None:
