@@ -47,6 +47,29 @@ logger = logging.getLogger("dare.service")
 _LOAD_TIMEOUT_S = 60.0
 
 
+async def load_data_files(store: FeatureStore, data: Path | None, fm_embeddings: Path | None) -> list[str]:
+    """`data/events.parquet` (the sequences of its users replaced) and an FM embeddings file (written,
+    its version made the active one) into `store` (`serve --data`, the demo); what was loaded."""
+    done = []
+    if data is not None:
+        import pandas as pd
+
+        from feature_store.ingest import ingest_events
+
+        path = Path(data) / "events.parquet"
+        frame = await asyncio.to_thread(pd.read_parquet, path, columns=["user_id", "item_id", "timestamp"])
+        stats = await ingest_events(store, frame, progress=False)
+        done.append(f"loaded {stats.events} events of {stats.users} users from {path}")
+    if fm_embeddings is not None:
+        from exporters.fm_embed import read_embeddings_file
+
+        emb = await asyncio.to_thread(read_embeddings_file, Path(fm_embeddings))
+        await store.write_fm_embeddings(emb.fm_version, emb.user_ids, emb.vectors, written_at=emb.written_at)
+        await store.set_active_fm_version(emb.fm_version)
+        done.append(f"loaded {len(emb.user_ids)} FM embeddings, active FM version {emb.fm_version}")
+    return done
+
+
 async def load_startup_data(settings: Settings, store: FeatureStore) -> None:
     """`serve --data` / `--fm-embeddings`: fill the feature store before serving."""
     if settings.load_events is None and settings.load_fm_embeddings is None:
@@ -61,26 +84,8 @@ async def load_startup_data(settings: Settings, store: FeatureStore) -> None:
             max_len=store.max_len,
         )
     try:
-        if settings.load_events is not None:
-            import pandas as pd
-
-            from feature_store.ingest import ingest_events
-
-            path = Path(settings.load_events) / "events.parquet"
-            frame = await asyncio.to_thread(
-                pd.read_parquet, path, columns=["user_id", "item_id", "timestamp"]
-            )
-            stats = await ingest_events(loader, frame, progress=False)
-            logger.info("loaded %d events of %d users from %s", stats.events, stats.users, path)
-        if settings.load_fm_embeddings is not None:
-            from exporters.fm_embed import read_embeddings_file
-
-            emb = await asyncio.to_thread(read_embeddings_file, Path(settings.load_fm_embeddings))
-            await loader.write_fm_embeddings(
-                emb.fm_version, emb.user_ids, emb.vectors, written_at=emb.written_at
-            )
-            await loader.set_active_fm_version(emb.fm_version)
-            logger.info("loaded %d FM embeddings, active FM version %s", len(emb.user_ids), emb.fm_version)
+        for line in await load_data_files(loader, settings.load_events, settings.load_fm_embeddings):
+            logger.info("%s", line)
     finally:
         if loader is not store:
             await loader.aclose()

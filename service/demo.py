@@ -109,11 +109,8 @@ def fill_redis(b: DemoBuild, settings: Settings) -> None:
     server reads with (replaces what is there: re-runs stay idempotent)."""
     import asyncio
 
-    import pandas as pd
-
-    from exporters.fm_embed import read_embeddings_file
     from feature_store.factory import open_feature_store
-    from feature_store.ingest import ingest_events
+    from service.app import load_data_files
 
     async def load() -> None:
         store = open_feature_store(
@@ -124,14 +121,8 @@ def fill_redis(b: DemoBuild, settings: Settings) -> None:
             namespace=settings.redis_namespace,
         )
         try:
-            events = pd.read_parquet(b.data / "events.parquet", columns=["user_id", "item_id", "timestamp"])
-            stats = await ingest_events(store, events, progress=False)
-            emb = read_embeddings_file(b.fm_embeddings)
-            await store.write_fm_embeddings(
-                emb.fm_version, emb.user_ids, emb.vectors, written_at=emb.written_at
-            )
-            await store.set_active_fm_version(emb.fm_version)
-            _log(f"Redis: {stats.events} events of {stats.users} users, {len(emb.user_ids)} FM embeddings")
+            for line in await load_data_files(store, b.data, b.fm_embeddings):
+                _log(f"Redis: {line}")
         finally:
             await store.aclose()
 
