@@ -7,18 +7,21 @@ once per training window (`--train-windows`, default 2,000 only), then the test 
 through the serving core (`service.core.pipeline`: stage-1 engine, ONNX Runtime stage 2) at each
 serving depth: the newest `depth` behaviors before each impression. Per (window, depth):
 
-- AUC on the whole test split and on impressions with more history than the first window, and the
-  paired difference to the first window's model served at that window (today's setup), with a
-  bootstrap interval;
+- AUC and GAUC on the whole test split, AUC on impressions with more history than the first
+  window, and the paired difference to the first window's model served at that window (today's
+  setup), with a bootstrap interval;
 - planted-truth retrieval of stage 1 (`exporters.retrieval.planted_metrics`), against the related
   behaviors of the *whole* history, so a shallow read shows the ones it never saw as misses;
 - per-stage latency of one request (100 candidates) for the longest users: feature read from the
   in-memory store at that depth, stage 1, stage 2 (CPU, one thread each).
 
-    .venv/bin/python -m benchmarks.depth [--users 300] [--depths 1000,2000,10000,full]
-                                         [--train-windows 2000[,10000]] [--seed 0]
+    .venv/bin/python -m benchmarks.depth [--users 300] [--impressions-per-user 80]
+                                         [--depths 1000,2000,10000,full]
+                                         [--train-windows 2000[,10000]] [--seed 0 | --seeds 0,1,2]
 
-Not a test; one seed, small scale (2 shared cores). docs/benchmarks.md has a run.
+With several seeds, one world and one model per seed, then the mean and standard deviation over
+seeds of each AUC and of its gain over the first window served at that window. Not a test; small
+scale (2 shared cores). docs/benchmarks.md has a run.
 """
 
 from __future__ import annotations
@@ -337,28 +340,28 @@ def summary(results: list[DepthResult]) -> list[str]:
 
 
 def options(quick: bool) -> argparse.Namespace:
-    """The defaults, or the smaller sizes of a smoke run."""
+    """The defaults (three seeds), or the smaller sizes of a smoke run."""
     args = parser().parse_args([])
-    args.train_windows = "2000,10000"
+    args.seeds, args.depths = "0,1,2", "1000,2000,full"
     if quick:
         args.users, args.min_seq_len, args.max_seq_len, args.epochs = 60, 500, 4_000, 1
+        args.seeds, args.impressions_per_user = "0", 24.0
         args.depths, args.train_windows = "1000,2000,full", "2000,4000"
     return args
 
 
 def section(quick: bool) -> list[str]:
     """Section g of benchmarks/suite.py."""
-    with tempfile.TemporaryDirectory(prefix="dare-depth-") as work:
-        notes, results = run(options(quick), Path(work))
     intro = (
-        "`dare` models trained on the default 2,000-behavior window and on a longer one, each served over "
-        "the newest `depth` behaviors before each test impression (`benchmarks/depth.py`; the serving "
-        "core in process: stage-1 engine, ONNX Runtime). The data has dormant lifelong interests "
-        "(`dormant_share`, docs/datasets.md): their related behaviors lie early in long histories, "
-        "older than the training window. Planted recall counts the related behaviors of the whole "
-        "history, so a shallow read misses those it never saw."
+        "`dare` models trained on the default 2,000-behavior window, each served over the newest `depth` "
+        "behaviors before each test impression (`benchmarks/depth.py`; the serving core in process: "
+        "stage-1 engine, ONNX Runtime). The data has dormant lifelong interests (`dormant_share`, "
+        "docs/datasets.md): their related behaviors lie early in long histories, older than the "
+        "training window. Planted recall counts the related behaviors of the whole history, so a "
+        "shallow read misses those it never saw. One world and one model per seed; the last table "
+        "gives the spread over seeds."
     )
-    return ["## g. Serving search depth", "", intro, "", *notes, "", *table(results), "", *summary(results)]
+    return ["## g. Serving search depth", "", intro, *run_seeds(options(quick))]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -369,19 +372,65 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--min-seq-len", type=int, default=1_000)
     ap.add_argument("--max-seq-len", type=int, default=16_000)
     ap.add_argument("--dormant-share", type=float, default=0.5)
-    ap.add_argument("--impressions-per-user", type=float, default=24.0)
+    # enough labels that the model trains past its first epoch (24 a user left it at one)
+    ap.add_argument("--impressions-per-user", type=float, default=80.0)
     ap.add_argument("--train-windows", default="2000", help="one model per window; the first is the baseline")
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--depths", default="1000,2000,10000,full")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="", help="e.g. 0,1,2: one world and model per seed, and their spread")
     return ap
 
 
+def over_seeds(runs: list[list[DepthResult]]) -> list[str]:
+    """Mean and standard deviation over seeds, per (window, depth), of each AUC and of its gain over
+    the first window's model served at that window (the same seed's world and model)."""
+    header = ["training window", "serving depth", "AUC", "AUC, long", "GAUC", "AUC - at the window",
+              "AUC, long - at the window", "planted recall@K, long"]  # fmt: skip
+    first = runs[0][0].window
+
+    def at_window(results: list[DepthResult]) -> DepthResult:
+        return next(r for r in results if r.window == first and r.depth == f"{first:,}")
+
+    def stat(values: list[float], digits: int = 4) -> str:
+        return f"{np.mean(values):+.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
+
+    rows = []
+    for i, r0 in enumerate(runs[0]):
+        rs = [results[i] for results in runs]
+        base = [at_window(results) for results in runs]
+        rows.append(
+            [
+                f"{r0.window:,}",
+                r0.depth,
+                stat([r.auc for r in rs]).lstrip("+"),
+                stat([r.auc_long for r in rs]).lstrip("+"),
+                stat([r.gauc for r in rs]).lstrip("+"),
+                stat([r.auc - b.auc for r, b in zip(rs, base, strict=True)]),
+                stat([r.auc_long - b.auc_long for r, b in zip(rs, base, strict=True)]),
+                stat([r.planted_long["recall_at_k"] for r in rs], 3).lstrip("+"),
+            ]
+        )
+    return md_table(header, rows)
+
+
+def run_seeds(args: argparse.Namespace) -> list[str]:
+    """`run` for each of `--seeds` (else `--seed`): each seed's tables, then the spread over seeds."""
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
+    runs, lines = [], []
+    for seed in seeds:
+        args.seed = seed
+        with tempfile.TemporaryDirectory(prefix="dare-depth-") as work:
+            notes, results = run(args, Path(work))
+        runs.append(results)
+        lines += ["", f"### seed {seed}", "", *notes, "", *table(results), "", *summary(results)]
+    if len(runs) > 1:
+        lines += ["", f"### Mean ± standard deviation over seeds {args.seeds}", "", *over_seeds(runs)]
+    return lines
+
+
 def main() -> None:
-    args = parser().parse_args()
-    with tempfile.TemporaryDirectory(prefix="dare-depth-") as work:
-        notes, results = run(args, Path(work))
-    print_lines([machine_line(), "", *notes, "", *table(results), "", *summary(results)])
+    print_lines([machine_line(), *run_seeds(parser().parse_args())])
 
 
 if __name__ == "__main__":
