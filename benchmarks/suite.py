@@ -80,7 +80,7 @@ def stage1_section(quick: bool) -> list[str]:
     ]
     with threadpool_limits(limits=1, user_api="blas"):
         for length in (1_000, 10_000):
-            for cands in (100, 1_000):
+            for cands in (100, 200, 1_000):  # 200: the service benchmarks' request size
                 data = {}
                 for d in (16, 64):
                     keys = rng.standard_normal((length, d + 1)).astype(np.float32)
