@@ -14,9 +14,9 @@ Sections (fixed seeds and sizes; every row is a ratio against its baseline measu
      100,000 events (benchmarks/feature_store.py).
   f. dare-serve against a Ray Serve peer serving the same ranker (benchmarks/ray_peer.py; needs
      benchmarks/peer/setup.sh once).
-  g. serving search depth: a model trained on a 2,000-behavior window scored over the newest 1,000,
-     2,000 and all behaviors, three seeds: AUC, GAUC, planted retrieval, stage latency
-     (benchmarks/depth.py).
+  g. serving search depth: models trained on 2,000- and 10,000-behavior windows scored over the
+     newest 1,000, 2,000, 10,000 and all behaviors, three seeds: AUC, GAUC, planted retrieval,
+     stage latency (benchmarks/depth.py).
   h. dare-serve against a plain FastAPI peer serving the same ranker, at 1, 8 and 32 clients, for
      users of 1,000 and 10,000 behaviors (benchmarks/plain_peer.py).
 c, d, f and h train the demo's bundles at fixed seeds into --workdir on first use and reuse them. A run
