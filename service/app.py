@@ -157,6 +157,7 @@ async def build_state(settings: Settings) -> AsyncIterator[AppState]:
             ort_threads=settings.ort_threads,
             configured_weights=settings.variant_weights,
             metrics=metrics,
+            warm_shape=(settings.batch_max_size if settings.batch_enabled else 1, settings.max_candidates),
         )
         await registry.reload()
         require_models(registry)

@@ -99,8 +99,11 @@ class ModelRegistry:
         configured_weights: Mapping[str, float] | None,
         metrics: Metrics,
         loader: Callable[[Path, str], ScoringModel] | None = None,
+        warm_shape: tuple[int, int] = (2, 1),
     ) -> None:
         self.root = Path(root)
+        # (requests, candidates) of the largest batch: every loaded model runs it once before serving
+        self.warm_shape = warm_shape
         self.providers = list(providers)
         self.ort_threads = ort_threads
         self.configured_weights = dict(configured_weights) if configured_weights else None
@@ -134,7 +137,7 @@ class ModelRegistry:
             raise BundleError(
                 f"{path}: manifest says {m.variant}/{m.version}, the folder is {variant}/{path.name}"
             )
-        return ScoringModel.from_bundle(bundle)
+        return ScoringModel.from_bundle(bundle, *self.warm_shape)
 
     def _load_inside_root(self, path: Path, variant: str) -> ScoringModel:
         """Load a version folder unless it (or its variant folder) is a link to outside the root."""

@@ -168,3 +168,21 @@ def test_choose_providers() -> None:
     assert choose_providers("cpu", [CUDA, CPU]) == [CPU]
     with pytest.raises(DeviceUnavailable, match="onnxruntime-gpu"):
         choose_providers("cuda", [CPU])
+
+
+def test_a_model_is_warmed_at_its_largest_batch(tiny_models: TinyModels) -> None:
+    """The warm-up run leaves feed buffers (and ORT's arena) sized for the largest batch."""
+    path = tiny_models.root / "dare" / "1"
+    warmed = ScoringModel.from_bundle(load_bundle(path, session_options=session_options(1)), 4, 50)
+    buf = warmed.feeds._free.get_nowait()
+    # 50 candidates pad to 64; the warm requests' behaviors are as many as 50 x K can retrieve
+    assert buf.batch >= 4 and buf.rows >= 4 * 64 and buf.distinct >= 4 * min(50 * warmed.top_k, 4096)
+    warmed.feeds.give_back(buf)
+    rng = np.random.default_rng(0)
+    ids = warmed.bundle.item_ids[1:]
+    jobs = [
+        prepare_job(warmed, rng.choice(ids, 50), rng.choice(ids, 300), np.arange(300), 1000, None)
+        for _ in range(4)
+    ]
+    score_jobs(warmed, jobs)
+    assert warmed.feeds._free.get_nowait() is buf, "a batch up to the warmed size reuses the buffers"
