@@ -157,7 +157,10 @@ async def build_state(settings: Settings) -> AsyncIterator[AppState]:
             ort_threads=settings.ort_threads,
             configured_weights=settings.variant_weights,
             metrics=metrics,
-            warm_shape=(settings.batch_max_size if settings.batch_enabled else 1, settings.max_candidates),
+            warm_shape=(
+                settings.batch_max_size if settings.batch_enabled else 1,
+                min(settings.warm_candidates, settings.max_candidates),
+            ),
         )
         await registry.reload()
         require_models(registry)
