@@ -18,7 +18,6 @@ candidates per request, the two servers alternating in rounds. CPU: each server'
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from dataclasses import dataclass
@@ -44,7 +43,14 @@ from benchmarks._workload import (
     make_workload,
 )
 from benchmarks.ray_peer import scores_of
-from benchmarks.server_concurrency import DEFAULT_WORKDIR, Point, Sizes, compute_times, sweep
+from benchmarks.server_concurrency import (
+    DEFAULT_WORKDIR,
+    Point,
+    Sizes,
+    compute_times,
+    server_bench_parser,
+    sweep,
+)
 from service.process import HttpProcess, clean_env, free_port
 
 PLAIN_APP = "benchmarks.peer.plain_app"
@@ -245,10 +251,7 @@ def render(
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="shorter runs, fewer users (a smoke run)")
-    ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="where trained bundles are kept")
-    ap.add_argument("--bundles", type=Path, help="serve this bundle root (its newest `dare`) instead")
+    ap = server_bench_parser(__doc__)
     args = ap.parse_args()
     print(f"machine: {machine_line()}", flush=True)
     t0 = time.perf_counter()

@@ -14,7 +14,6 @@ same clients and requests, alternating in rounds. Fixed seeds and sizes; not a t
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import itertools
 import json
@@ -57,6 +56,7 @@ from benchmarks.server_concurrency import (
     Point,
     Sizes,
     compute_times,
+    server_bench_parser,
     sweep,
 )
 from service.process import LOOPBACK, free_port, stop_process
@@ -274,10 +274,7 @@ def render(
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="shorter runs, fewer users (a smoke run)")
-    ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="where trained bundles are kept")
-    ap.add_argument("--bundles", type=Path, help="serve this bundle root (its newest `dare`) instead")
+    ap = server_bench_parser(__doc__)
     ap.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas")
     args = ap.parse_args()
     print(f"machine: {machine_line()}", flush=True)

@@ -361,11 +361,17 @@ def render(
     ]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def server_bench_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options of every benchmark that serves the trained ranker: --quick, --workdir, --bundles."""
+    ap = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="shorter runs, fewer users (a smoke run)")
     ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="where trained bundles are kept")
     ap.add_argument("--bundles", type=Path, help="serve this bundle root (its newest `dare`) instead")
+    return ap
+
+
+def main() -> None:
+    ap = server_bench_parser(__doc__)
     args = ap.parse_args()
     print(f"machine: {machine_line()}", flush=True)
     print_lines(section(args.quick, args.workdir, args.bundles))

@@ -47,7 +47,8 @@ from benchmarks.service_latency import (
     candidates,
     user_history,
 )
-from exporters.export import _onnx_bytes, ranker_onnx
+from exporters.bundle import search_table_of
+from exporters.export import onnx_bytes, ranker_onnx
 from exporters.features import time_buckets
 from exporters.models import RankerConfig, TwoStageRanker
 from exporters.stage2_graph import Stage2Graph
@@ -128,7 +129,7 @@ def per_pair_onnx(ranker: TwoStageRanker) -> bytes:
         for n in ("candidates", "behaviors", "buckets", "mask", "probability", "attention")
     }
     axes |= {"fm": {0: "B"}, "fm_present": {0: "B"}}
-    return _onnx_bytes(PerPairGraph(ranker), args, names, ["probability", "attention"], axes)
+    return onnx_bytes(PerPairGraph(ranker), args, names, ["probability", "attention"], axes)
 
 
 def ranker() -> TwoStageRanker:
@@ -156,8 +157,7 @@ class Request:
         with torch.no_grad():
             attention = model.item_attention_table()
             bias = model.time_bias().numpy().astype(np.float32)
-        table = np.zeros((len(attention), attention.shape[1] + 1), np.float32)
-        table[:, :-1] = attention
+        table = search_table_of(attention)
         pair = (search_queries(table, self.cand), search_keys(table, bias, self.rows, self.buckets))
         res = Stage1Engine(threads=1).search([pair], TOP_K)[0]
         self.positions, self.scores = res.positions, res.scores

@@ -202,6 +202,13 @@ class Bundle:
         return table[np.clip(np.asarray(raw_ids, dtype=np.int64), -1, len(table) - 1)].astype(np.int64)
 
 
+def search_table_of(attention: np.ndarray) -> np.ndarray:
+    """[n, d + 1] float32: the attention rows and a zero column for stage 1's time bias (or 1)."""
+    table = np.zeros((attention.shape[0], attention.shape[1] + 1), dtype=np.float32)
+    table[:, :-1] = attention
+    return table
+
+
 # A dense id -> row table replaces the binary search when the raw ids are this compact: at most
 # this many entries per item, plus a fixed allowance (4 bytes each).
 _DENSE_ENTRIES_PER_ITEM = 16
@@ -406,8 +413,7 @@ def load_bundle(
             f"{path}/attention.faiss: expected an inner-product index of {n} x {d}, "
             f"found {index.ntotal} x {index.d} (metric {index.metric_type})"
         )
-    table = np.zeros((n, d + 1), dtype=np.float32)
-    table[:, :d] = index.reconstruct_n(0, n)
+    table = search_table_of(index.reconstruct_n(0, n))
     if not np.isfinite(table).all():
         raise BundleError(f"{path}/attention.faiss: non-finite attention vectors")
     time_bias = _load_array(path / "time_bias.npy", np.float32, (manifest.n_time_buckets,))

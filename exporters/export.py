@@ -18,7 +18,7 @@ from exporters.stage2_graph import FM_INPUTS, INPUTS, OUTPUTS, Stage2Graph
 OPSET = 17
 
 
-def _onnx_bytes(
+def onnx_bytes(
     module: torch.nn.Module,
     args: tuple[torch.Tensor, ...],
     input_names: list[str],
@@ -76,7 +76,7 @@ def ranker_onnx(ranker: TwoStageRanker, graph: type[Stage2Graph] = Stage2Graph) 
     if cfg.fm_dim:
         args += [torch.randn(b, cfg.fm_dim), torch.ones(b)]
         axes |= {"fm": {0: "B"}, "fm_present": {0: "B"}}
-    return _onnx_bytes(graph(ranker), tuple(args), ranker_inputs(ranker), list(OUTPUTS), axes)
+    return onnx_bytes(graph(ranker), tuple(args), ranker_inputs(ranker), list(OUTPUTS), axes)
 
 
 def encoder_onnx(fm: FoundationModel) -> bytes:
@@ -93,7 +93,7 @@ def encoder_onnx(fm: FoundationModel) -> bytes:
         "mask": {0: "B", 1: "L"},
         "user_embedding": {0: "B"},
     }
-    return _onnx_bytes(UserEncoderGraph(fm), args, ["behaviors", "buckets", "mask"], ["user_embedding"], axes)
+    return onnx_bytes(UserEncoderGraph(fm), args, ["behaviors", "buckets", "mask"], ["user_embedding"], axes)
 
 
 def _bytes_writer(data: bytes) -> Callable[[Path], None]:
