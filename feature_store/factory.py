@@ -6,9 +6,9 @@ from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.maint_notifications import MaintNotificationsConfig
-from redis.retry import Retry
 
 from feature_store.base import DEFAULT_MAX_LEN, FeatureStore
 from feature_store.memory_store import InMemoryFeatureStore
@@ -33,7 +33,8 @@ def open_feature_store(
         "socket_connect_timeout": timeout_s,
         # No client-side retries: a retried APPEND whose reply was lost would duplicate events, and
         # retries with backoff would overrun the timeout. A failed call raises; the next one
-        # reconnects (and, on a cluster, re-reads the topology).
+        # reconnects (and, on a cluster, re-reads the topology). The asyncio class: redis-py 8.2 warns
+        # about (and converts) the synchronous one.
         "retry": Retry(NoBackoff(), 0),
         # Off: redis-py skips its check for dead pooled connections while maintenance notifications
         # (a managed-Redis feature, on by default over RESP3) are enabled, so after a Redis restart

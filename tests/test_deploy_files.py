@@ -53,8 +53,11 @@ def test_dockerfile_copies_existing_paths_and_declared_extras() -> None:
             assert (ROOT / src).exists(), f"Dockerfile copies {src}, which is not in the project"
             copies += 1
     assert copies >= 8
-    used = set(re.findall(r'"\.\[(\w+)\]"', "\n".join(lines)))
+    # Each build stage installs its extra's lock file (hash-checked), then the project without deps.
+    used = set(re.findall(r"-r requirements/serve-(\w+)\.txt", "\n".join(lines)))
     assert used == {"cpu", "gpu"} and used <= extras
+    installs = [ln for ln in lines if "pip install" in ln]
+    assert all("--require-hashes" in ln and "--no-deps" in ln for ln in installs)
 
 
 def test_dockerfile_runs_the_service_as_non_root_with_a_health_check() -> None:
