@@ -16,6 +16,12 @@ Sections:
 - long: the ablation's key rows (dare-16 base and full, coupled-16 and coupled-64 full) on the same
   kind of world with long histories (500 to 5,000 behaviors, median ~1,260), where a top-64 is a
   small part of a history and the lift of a perfect stage 1 is not capped near 4.
+- calibration: the served pair (dare-16, coupled-64, `train` defaults) on the default synthetic
+  world, the independent-relatedness one, a smaller independent one with 3,000 users and histories
+  up to 1,000, ml-latest-small and ml-100k: whether the scores are probabilities (normalized
+  entropy, calibration ratio, per-decile reliability) before and after the validation-fitted
+  calibration, against the popularity baseline. Written with `--out docs/calibration.md` and
+  `--results docs/results/calibration.jsonl`, plus a reliability plot (`--plot`).
 
 Every training result is appended to a JSON-lines file and reused on the next run, so a long run
 can be resumed; the markdown is rendered from whatever results exist (mean and sample standard
@@ -45,8 +51,26 @@ RECIPES: dict[str, dict[str, Any]] = {
     "ssl": {"pretrain": True, "aux_weight": 0.0},
     "full": {},
 }
-SECTIONS = ("ablation", "sweep", "real", "long")
+SECTIONS = ("ablation", "sweep", "real", "long", "calibration")
 LONG = "synth-independent-long"
+CALIBRATION_DATASETS = (
+    "synth",
+    "synth-independent",
+    LONG,
+    "synth-independent-3k",
+    "ml-latest-small",
+    "ml-100k",
+)
+TITLES = {
+    "synth": "Synthetic, the default world (relatedness nested in categories)",
+    "synth-independent": "Synthetic, relatedness independent of category (ablation and sweep)",
+    LONG: "Synthetic with long histories (500 to 5,000 behaviors), relatedness independent of category",
+    "synth-independent-3k": (
+        "Synthetic, relatedness independent of category, 3,000 users, histories up to 1,000"
+    ),
+    "ml-latest-small": "MovieLens ml-latest-small (real data)",
+    "ml-100k": "MovieLens ml-100k (real data)",
+}
 
 
 def runs_for(section: str) -> list[tuple[str, str, int, str]]:
@@ -64,6 +88,12 @@ def runs_for(section: str) -> list[tuple[str, str, int, str]]:
         ]
     if section == "sweep":
         return [("synth-independent", arm, d, "full") for d in (8, 16, 32, 64) for arm in ("dare", "coupled")]
+    if section == "calibration":
+        return [
+            (d, arm, dim, "full")
+            for d in CALIBRATION_DATASETS
+            for arm, dim in (("dare", 16), ("coupled", 64))
+        ]
     if section == "long":
         # the ablation's key rows where histories are long enough that a top-64 is a small part of them
         return [(LONG, "dare", 16, "base"), (LONG, "dare", 16, "full"), (LONG, "coupled", 16, "full"),
@@ -77,8 +107,12 @@ def dataset_folder(name: str, work: Path, shared: Path) -> Path:
     folder = work / "data" / name
     if (folder / "impressions.parquet").exists():
         return folder
-    if name == "synth-independent":
+    if name == "synth":
+        write_synth(folder, SynthConfig())
+    elif name == "synth-independent":
         write_synth(folder, SynthConfig(theme_layout="independent"))
+    elif name == "synth-independent-3k":
+        write_synth(folder, SynthConfig(theme_layout="independent", users=3000, max_seq_len=1000))
     elif name == LONG:
         # median history ~1,260: the default world's median of 126 leaves a perfect stage 1 a lift of
         # only ~3.7, since a top-64 then holds half of a typical history
@@ -98,10 +132,22 @@ def train_one(data: Path, work: Path, arm: str, dim: int, recipe: str, seed: int
     m = r["metrics"]
     ret = m.get("retrieval") or {}
     planted, mi = ret.get("planted") or {}, ret.get("mi_ndcg") or {}
+    raw, pop = m.get("uncalibrated") or m, m["popularity"]
     return {
         "auc": m["auc"],
         "gauc": m["gauc"],
         "logloss": m["logloss"],
+        "ne": m["ne"],
+        "calibration": m["calibration"],
+        "deciles": m["calibration_deciles"],
+        "logloss_raw": raw["logloss"],
+        "ne_raw": raw["ne"],
+        "calibration_raw": raw["calibration"],
+        "pop_logloss": pop["logloss"],
+        "pop_ne": pop["ne"],
+        "pop_calibration": pop["calibration"],
+        "pop_deciles": pop["calibration_deciles"],
+        "stopped_by": r["stopped_by"],
         "lift": planted.get("lift_long"),
         "precision": planted.get("precision_at_k_long"),
         "base_rate": planted.get("base_rate_long"),
@@ -250,6 +296,68 @@ def comparisons(results: list[dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
+def probability_table(results: list[dict[str, Any]], dataset: str) -> list[str]:
+    """Whether the scores are probabilities: NE and calibration ratio before and after the
+    validation-fitted scaling, against the popularity baseline (rows from runs that recorded them)."""
+    rows = [r for r in results if r["dataset"] == dataset and r.get("ne") is not None]
+    if not rows:
+        return []
+    lines = [
+        "Probabilities (test split): logloss, normalized entropy (NE: logloss over the base rate's "
+        "entropy, < 1 beats predicting the average) and calibration ratio (mean predicted over observed "
+        "rate), as exported (calibrated on the validation split) and before that step.",
+        "",
+        "| arm | dim | seeds | logloss | NE | calibration | logloss before | NE before | "
+        "calibration before | popularity logloss | popularity NE | stopped by |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for arm, dim, recipe in sorted({(r["arm"], r["dim"], r["recipe"]) for r in rows}):
+        g = [r for r in _group(results, dataset, arm, dim, recipe) if r.get("ne") is not None]
+        stops = sorted({r["stopped_by"] for r in g})
+        lines.append(
+            f"| {arm} | {dim} | {len(g)} | {_stat(g, 'logloss')} | {_stat(g, 'ne')} | "
+            f"{_stat(g, 'calibration', '.3f')} | {_stat(g, 'logloss_raw')} | {_stat(g, 'ne_raw')} | "
+            f"{_stat(g, 'calibration_raw', '.3f')} | {_stat(g, 'pop_logloss')} | {_stat(g, 'pop_ne')} | "
+            f"{', '.join(stops)} |"
+        )
+    return [*lines, ""]
+
+
+def plot_reliability(results: list[dict[str, Any]], datasets: list[str], out: Path) -> None:
+    """Per-decile reliability (mean predicted against observed click rate) of the served pair and the
+    popularity baseline, one panel per dataset, every seed drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.2 * len(datasets), 4.6), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        rows = [r for r in results if r["dataset"] == dataset and r.get("deciles")]
+        top = 0.0
+        for arm, color in (("dare", "tab:blue"), ("coupled", "tab:orange")):
+            for i, r in enumerate(x for x in rows if x["arm"] == arm):
+                pred = [b["predicted"] for b in r["deciles"]]
+                obs = [b["observed"] for b in r["deciles"]]
+                ax.plot(
+                    pred, obs, "o-", color=color, alpha=0.7, label=f"{arm}-{r['dim']}" if i == 0 else None
+                )
+                top = max(top, *pred, *obs)
+        for i, r in enumerate(x for x in rows if x["arm"] == "dare"):
+            pred = [b["predicted"] for b in r["pop_deciles"]]
+            obs = [b["observed"] for b in r["pop_deciles"]]
+            ax.plot(pred, obs, "s--", color="gray", alpha=0.6, label="popularity" if i == 0 else None)
+            top = max(top, *pred, *obs)
+        ax.plot([0, top], [0, top], ":", color="black", linewidth=1)
+        ax.set_title(dataset)
+        ax.set_xlabel("mean predicted click probability (decile)")
+        ax.set_ylabel("observed click rate")
+        ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def render(results: list[dict[str, Any]], costs: dict[int, float], oracles: dict[str, float]) -> str:
     seeds = sorted({r["seed"] for r in results})
     lines = [
@@ -273,16 +381,10 @@ def render(results: list[dict[str, Any]], costs: dict[int, float], oracles: dict
         "| arm | dim | recipe | seeds | test AUC | GAUC | lift | top-64 related | MI-NDCG | epochs |\n"
         "|---|---|---|---|---|---|---|---|---|---|"
     )
-    for dataset, title in (
-        ("synth-independent", "Synthetic, relatedness independent of category (ablation and sweep)"),
-        (
-            LONG,
-            "Synthetic with long histories (500 to 5,000 behaviors), relatedness independent of category",
-        ),
-        ("ml-latest-small", "MovieLens ml-latest-small (real data)"),
-    ):
+    present = {r["dataset"] for r in results}
+    for dataset, title in TITLES.items():
         rows = [r for r in results if r["dataset"] == dataset]
-        if not rows:
+        if dataset not in present:
             continue
         lines += [f"## {title}", "", header]
         keys = sorted(
@@ -312,6 +414,7 @@ def render(results: list[dict[str, Any]], costs: dict[int, float], oracles: dict
         if notes:
             lines += ["", "Reference points: " + "; ".join(notes) + "."]
         lines.append("")
+        lines += probability_table(results, dataset)
     if costs:
         lines += [
             "## Attention dim against stage-1 cost (the paper's Figure 11)",
@@ -343,6 +446,9 @@ def main() -> None:
     ap.add_argument("--shared", type=Path, default=Path("../shared/data"))
     ap.add_argument("--out", type=Path, default=Path("docs/model-quality.md"))
     ap.add_argument("--render-only", action="store_true", help="write the markdown from saved results")
+    ap.add_argument(
+        "--plot", type=Path, default=None, help="a PNG of per-decile reliability (one synthetic, one real)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(min(4, os.cpu_count() or 1))
     results_path = args.results or args.work / "results.jsonl"
@@ -375,6 +481,11 @@ def main() -> None:
         if lift is not None:
             oracles[name] = lift
     args.out.write_text(render(results, costs, oracles))
+    if args.plot is not None:
+        have = [
+            d for d in ("synth-independent-3k", "ml-latest-small") if any(r["dataset"] == d for r in results)
+        ]
+        plot_reliability(results, have, args.plot)
     print(args.out.read_text())
 
 

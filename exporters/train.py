@@ -1,10 +1,12 @@
 """Training: `dare-serve train` for the `dare`, `coupled` and `fm` models, with time-split evaluation.
 
 Every impression is scored from the user's events strictly before it (see `exporters.samples`).
-Early stopping watches validation AUC; the best epoch's weights are exported. One JSON line of
-results goes to stdout: test AUC / GAUC / logloss, a popularity baseline on the same split, the
-stage-1 retrieval quality (when the dataset carries the generator's related-behavior truth), the
-training time and the bundle path.
+Early stopping watches validation AUC and logloss; the best-AUC epoch's weights are kept, and a
+Platt scaling fitted on the validation split is folded into the head's last layer, so the exported
+graph's outputs are calibrated probabilities with no extra node. One JSON line of results goes to
+stdout: test AUC / GAUC / logloss / normalized entropy / calibration, a popularity baseline on the
+same split, the stage-1 retrieval quality (when the dataset carries the generator's related-behavior
+truth), the training time and the bundle path.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from exporters.dataset import Dataset, read_dataset
 from exporters.export import export_fm, export_ranker
 from exporters.features import time_buckets
 from exporters.item_vectors import ItemVectors, category_table, learn_item_vectors, visible_events
-from exporters.metrics import auc, gauc, logloss
+from exporters.metrics import auc, calibration_bins, calibration_ratio, gauc, logloss, normalized_entropy
 from exporters.models import FmConfig, FoundationModel, RankerConfig, TwoStageRanker
 from exporters.retrieval import MiTable, csr_take, mi_ndcg, planted_metrics
 from exporters.samples import ItemVocab, Samples, build_samples, gather_histories, related_positions
@@ -74,6 +76,49 @@ class TrainConfig:
     aux_anchors: int = 2
     # only to reproduce older trainings in ablations: L2 on the embedding tables too
     decay_embeddings: bool = False
+    # Platt scaling on the validation split, folded into the exported head (no extra graph node)
+    calibrate: bool = True
+
+
+@dataclass
+class EarlyStopping:
+    """Watches the validation AUC and logloss after each epoch.
+
+    The kept weights are those of the best AUC (ranking is the ranker's job; the probabilities are
+    calibrated afterwards). Training stops when either metric has gone `patience` epochs without
+    improving: logloss usually turns first, as the free embedding rows start to memorise and the
+    scores grow overconfident, and AUC follows an epoch or two later.
+    """
+
+    patience: int
+    min_delta: float = 1e-5
+    best_auc: float = -math.inf
+    best_logloss: float = math.inf
+    best_epoch: int = 0
+    auc_stale: int = 0
+    logloss_stale: int = 0
+    stopped_by: str = "epochs"
+
+    def update(self, epoch: int, valid_auc: float, valid_logloss: float) -> bool:
+        """Records an epoch; True when its weights are the new best to keep."""
+        improved = valid_auc > self.best_auc + self.min_delta
+        if improved:
+            self.best_auc, self.best_epoch, self.auc_stale = valid_auc, epoch, 0
+        else:
+            self.auc_stale += 1
+        if valid_logloss < self.best_logloss - self.min_delta:
+            self.best_logloss, self.logloss_stale = valid_logloss, 0
+        else:
+            self.logloss_stale += 1
+        if self.auc_stale >= self.patience:
+            self.stopped_by = "valid_auc"
+        elif self.logloss_stale >= self.patience:
+            self.stopped_by = "valid_logloss"
+        return improved
+
+    @property
+    def stop(self) -> bool:
+        return self.stopped_by != "epochs"
 
 
 @dataclass
@@ -179,8 +224,31 @@ def _fit_logistic(x: np.ndarray, y: np.ndarray, steps: int = 50) -> tuple[float,
     return float(w[0]), float(w[1])
 
 
-def evaluate(labels: np.ndarray, probs: np.ndarray, users: np.ndarray) -> dict[str, float]:
-    return {"auc": auc(labels, probs), "gauc": gauc(users, labels, probs), "logloss": logloss(labels, probs)}
+def evaluate(labels: np.ndarray, probs: np.ndarray, users: np.ndarray, bins: bool = False) -> dict[str, Any]:
+    """Ranking (AUC, GAUC) and probability quality (logloss, NE, calibration ratio) of one scoring;
+    with `bins`, the reliability table by decile of prediction too."""
+    out: dict[str, Any] = {
+        "auc": auc(labels, probs),
+        "gauc": gauc(users, labels, probs),
+        "logloss": logloss(labels, probs),
+        "ne": normalized_entropy(labels, probs),
+        "calibration": calibration_ratio(labels, probs),
+    }
+    if bins:
+        out["calibration_deciles"] = calibration_bins(labels, probs)
+    return out
+
+
+def fold_platt(model: torch.nn.Module, a: float, c: float) -> None:
+    """Makes the model's logit `a * logit + c` by rescaling the head's last linear layer, so the
+    exported graph computes the calibrated probability with the same nodes as before."""
+    head = model.get_submodule("head")
+    last = head[-1] if isinstance(head, torch.nn.Sequential) else head
+    if not isinstance(last, torch.nn.Linear):
+        raise TypeError(f"the head must end with nn.Linear, found {type(last).__name__}")
+    with torch.no_grad():
+        last.weight.mul_(a)
+        last.bias.mul_(a).add_(c)
 
 
 def stage1_topk(ranker: TwoStageRanker, s: Samples, idx: np.ndarray, batch_size: int) -> np.ndarray:
@@ -333,7 +401,23 @@ def cooccurrence_loss(
     return torch.nn.functional.cross_entropy(logits, torch.arange(n * anchors))
 
 
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
 def _predict(
+    model: torch.nn.Module,
+    s: Samples,
+    idx: np.ndarray,
+    batch_size: int,
+    fm: np.ndarray | None,
+    fm_present: np.ndarray | None,
+) -> np.ndarray:
+    """Probabilities of impressions idx."""
+    return _sigmoid(_predict_logits(model, s, idx, batch_size, fm, fm_present))
+
+
+def _predict_logits(
     model: torch.nn.Module,
     s: Samples,
     idx: np.ndarray,
@@ -347,7 +431,7 @@ def _predict(
     with torch.no_grad():
         for bidx in length_batches(s, idx, batch_size, None):
             logits = _forward(model, make_batch(s, bidx, fm, fm_present))
-            out[[where[int(v)] for v in bidx]] = torch.sigmoid(logits).numpy()
+            out[[where[int(v)] for v in bidx]] = logits.double().numpy()
     return out
 
 
@@ -420,7 +504,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     opt = optimizer(model, cfg)
     aux = cfg.aux_weight > 0 and isinstance(model, TwoStageRanker)
     loss_fn = torch.nn.BCEWithLogitsLoss()
-    best_auc, best_state, best_epoch, stale = -1.0, None, 0, 0
+    watch, best_state = EarlyStopping(cfg.patience), None
     history = []
     for epoch in range(1, cfg.epochs + 1):
         model.train()
@@ -454,24 +538,48 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             total += loss.item() * len(bidx)
             bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         probs = _predict(model, s, valid_idx, cfg.batch_size * 2, fm_arr, fm_present)
-        val = auc(s.label[valid_idx], probs)
-        history.append({"epoch": epoch, "train_loss": total / len(train_idx), "valid_auc": val})
-        log(f"epoch {epoch}: train loss {total / len(train_idx):.4f}, valid AUC {val:.4f}")
-        if val > best_auc + 1e-5:
-            best_auc, best_epoch, stale = val, epoch, 0
+        val, val_ll = auc(s.label[valid_idx], probs), logloss(s.label[valid_idx], probs)
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": total / len(train_idx),
+                "valid_auc": val,
+                "valid_logloss": val_ll,
+                "valid_ne": normalized_entropy(s.label[valid_idx], probs),
+            }
+        )
+        log(
+            f"epoch {epoch}: train loss {total / len(train_idx):.4f}, valid AUC {val:.4f}, "
+            f"valid logloss {val_ll:.4f}"
+        )
+        if watch.update(epoch, val, val_ll):
             best_state = copy.deepcopy(model.state_dict())
-        else:
-            stale += 1
-            if stale >= cfg.patience:
-                break
+        if watch.stop:
+            break
     assert best_state is not None
     model.load_state_dict(best_state)
+    calibration: dict[str, Any] = {"fitted": False}
+    if cfg.calibrate:
+        valid_logits = _predict_logits(model, s, valid_idx, cfg.batch_size * 2, fm_arr, fm_present)
+        c, a = _fit_logistic(valid_logits, s.label[valid_idx].astype(np.float64))
+        # a <= 0 would reverse the ranking: a validation split too small or too noisy to fit on
+        if a > 0 and math.isfinite(a) and math.isfinite(c):
+            calibration = {"fitted": True, "slope": a, "intercept": c, "on": "valid"}
     train_seconds = time.time() - t0
 
-    probs = _predict(model, s, test_idx, cfg.batch_size * 2, fm_arr, fm_present)
     users = s.user_index[test_idx]
-    metrics: dict[str, Any] = evaluate(s.label[test_idx], probs, users)
-    metrics["valid_auc"] = best_auc
+    uncalibrated = None
+    if calibration["fitted"]:
+        raw = _predict(model, s, test_idx, cfg.batch_size * 2, fm_arr, fm_present)
+        uncalibrated = evaluate(s.label[test_idx], raw, users, bins=True)
+        fold_platt(model, calibration["slope"], calibration["intercept"])
+
+    probs = _predict(model, s, test_idx, cfg.batch_size * 2, fm_arr, fm_present)
+    metrics: dict[str, Any] = evaluate(s.label[test_idx], probs, users, bins=True)
+    if uncalibrated is not None:
+        # the same model's test scores before the validation-fitted scaling (same AUC: a monotone map)
+        metrics["uncalibrated"] = uncalibrated
+    metrics["valid_auc"] = watch.best_auc
     metrics["n_test"] = int(len(test_idx))
     if fm_arr is not None:
         # the same test split scored as if every FM embedding were missing (cold FM cache)
@@ -480,7 +588,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     pop = popularity_scores(ds, s)
     a, b = _fit_logistic(pop[train_idx], s.label[train_idx].astype(np.float64))
     pop_probs = 1 / (1 + np.exp(-(a + b * pop[test_idx])))
-    metrics["popularity"] = evaluate(s.label[test_idx], pop_probs, users)
+    metrics["popularity"] = evaluate(s.label[test_idx], pop_probs, users, bins=True)
     if isinstance(model, TwoStageRanker):
         related = related_positions(ds, s, vocab)
         metrics["retrieval"] = retrieval_report(
@@ -492,8 +600,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     extra = {
         "training": {
             "seed": cfg.seed,
-            "best_epoch": best_epoch,
+            "best_epoch": watch.best_epoch,
             "epochs_run": len(history),
+            "stopped_by": watch.stopped_by,
+            "calibration": calibration,
             "seconds": round(train_seconds, 1),
             "history": history,
             "data": str(cfg.data),
@@ -516,9 +626,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "auc": metrics["auc"],
         "gauc": metrics["gauc"],
         "logloss": metrics["logloss"],
+        "ne": metrics["ne"],
+        "calibration": metrics["calibration"],
         "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.time() - t0, 1),
-        "best_epoch": best_epoch,
+        "best_epoch": watch.best_epoch,
+        "stopped_by": watch.stopped_by,
         "bundle_bytes": size,
         "fm_version": fm_version,
         "metrics": metrics,
