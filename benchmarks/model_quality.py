@@ -148,6 +148,7 @@ def train_one(data: Path, work: Path, arm: str, dim: int, recipe: str, seed: int
         "pop_calibration": pop["calibration"],
         "pop_deciles": pop["calibration_deciles"],
         "stopped_by": r["stopped_by"],
+        "attended": (m.get("attention") or {}).get("effective_behaviors"),
         "lift": planted.get("lift_long"),
         "precision": planted.get("precision_at_k_long"),
         "base_rate": planted.get("base_rate_long"),

@@ -46,6 +46,15 @@ class RankerConfig:
     mlp: tuple[int, ...] = (128, 64)
     n_time_buckets: int = N_TIME_BUCKETS
     item_dropout: float = 0.0
+    # A per-bucket bias added to the folded <tau_0, tau(bucket)> term, initialised to
+    # -recency_prior * (bucket / 2) / 25 (about -recency_prior for a behavior a year old). The
+    # product term alone starts near zero with a gradient as small as its other factor, so it
+    # barely moves; a direct bias learns at the rate of any dense weight. Off (None) in bundles
+    # trained before it.
+    recency_prior: float | None = None
+    # A learned gain on stage 2's attention logits (exp of a scalar, starting at 1): stage 1's
+    # ranking does not depend on it, so stage 2 can sharpen its softmax without moving the search.
+    stage2_gain: bool = False
 
     def __post_init__(self) -> None:
         if self.kind == "coupled":
@@ -113,6 +122,11 @@ class TwoStageRanker(nn.Module):
         # training retrieves with the same vectors as the served FAISS index.
         self.item_dropout = nn.Dropout(cfg.item_dropout)
         self.target_time = nn.Parameter(torch.randn(d_a) * 0.05)
+        if cfg.recency_prior is not None:
+            doublings = torch.arange(cfg.n_time_buckets, dtype=torch.float32) / 2.0
+            self.bucket_bias = nn.Parameter(-cfg.recency_prior * doublings / 25.0)
+        if cfg.stage2_gain:
+            self.log_stage2_gain = nn.Parameter(torch.zeros(()))
         self.scale = 1.0 / math.sqrt(d_a)
         fm_in = 0
         if cfg.fm_dim:
@@ -126,8 +140,19 @@ class TwoStageRanker(nn.Module):
         return self.attn_item(rows) + self.attn_cat(self.row_category[rows])
 
     def time_bias(self) -> torch.Tensor:
-        """Per-bucket bias <tau_0, tau(bucket)>: the folded target-time term of the attention."""
-        return self.attn_time.weight @ self.target_time
+        """Per-bucket bias <tau_0, tau(bucket)> (+ the direct bucket bias): the folded target-time
+        term of the attention."""
+        bias = self.attn_time.weight @ self.target_time
+        if self.cfg.recency_prior is not None:
+            bias = bias + self.bucket_bias
+        return bias
+
+    def stage2_scale(self) -> torch.Tensor | float:
+        """What stage 2 multiplies the raw attention logits by: the attention scale, times the
+        learned gain when the ranker has one."""
+        if self.cfg.stage2_gain:
+            return self.scale * torch.exp(self.log_stage2_gain)
+        return self.scale
 
     def attention_logits(
         self, target_rows: torch.Tensor, beh_rows: torch.Tensor, beh_buckets: torch.Tensor
@@ -189,6 +214,8 @@ class TwoStageRanker(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logit [N] and attention weights [N, K] from the retrieved behaviors."""
         logits = self.attention_logits(target_rows, beh_rows, beh_buckets)
+        if self.cfg.stage2_gain:
+            logits = logits * torch.exp(self.log_stage2_gain)
         mask = beh_mask.to(logits.dtype)
         masked = logits.masked_fill(beh_mask <= 0, _MASKED)
         weights = torch.softmax(masked, dim=1) * mask

@@ -93,7 +93,7 @@ class Stage2Graph(nn.Module):
         *fm_inputs: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         r = self.ranker
-        masked = (scores * r.scale).masked_fill(mask <= 0, _MASKED)
+        masked = (scores * r.stage2_scale()).masked_fill(mask <= 0, _MASKED)
         # softmax and logsumexp written out, sharing one max and one sum of exponentials: ORT's
         # ReduceLogSumExp alone took about 3x its Softmax
         top = masked.amax(-1, keepdim=True)

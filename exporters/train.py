@@ -78,6 +78,10 @@ class TrainConfig:
     decay_embeddings: bool = False
     # Platt scaling on the validation split, folded into the exported head (no extra graph node)
     calibrate: bool = True
+    # the ranker's direct time-bucket bias and its recency prior, and stage 2's learned attention gain
+    # (models.RankerConfig); off by default until measured over seeds on every dataset
+    recency_prior: float | None = None
+    stage2_gain: bool = False
 
 
 @dataclass
@@ -273,6 +277,40 @@ def stage1_topk(ranker: TwoStageRanker, s: Samples, idx: np.ndarray, batch_size:
             hist_index = np.where(top < (n_hist - (start - s.hist_start[bidx]))[:, None], hist_index, -1)
             out[[where[int(v)] for v in bidx], : top.shape[1]] = hist_index
     return out
+
+
+def attention_report(
+    ranker: TwoStageRanker, s: Samples, idx: np.ndarray, batch_size: int
+) -> dict[str, float]:
+    """How peaked stage 2's attention is on impressions idx: the effective number of behaviors
+    attended, exp(entropy of the weights), against the number retrieved (equal: mean pooling)."""
+    effective, retrieved = [], []
+    ranker.eval()
+    with torch.no_grad():
+        for bidx in length_batches(s, idx, batch_size, None):
+            b = make_batch(s, bidx)
+            top = ranker.search(b.target, b.hist_rows, b.hist_buckets, b.hist_mask)
+            mask = torch.gather(b.hist_mask, 1, top)
+            fm = torch.zeros(len(bidx), ranker.cfg.fm_dim) if ranker.cfg.fm_dim else None
+            present = torch.zeros(len(bidx)) if ranker.cfg.fm_dim else None
+            _, w = ranker.stage2(
+                b.target,
+                torch.gather(b.hist_rows, 1, top),
+                torch.gather(b.hist_buckets, 1, top),
+                mask,
+                fm,
+                present,
+            )
+            ent = -(w * torch.log(w.clamp_min(1e-30))).sum(1)
+            keep = mask.sum(1) > 0
+            effective.append(torch.exp(ent)[keep].numpy())
+            retrieved.append(mask.sum(1)[keep].double().numpy())
+    eff, n = np.concatenate(effective), np.concatenate(retrieved)
+    return {
+        "effective_behaviors": float(eff.mean()) if len(eff) else float("nan"),
+        "retrieved_behaviors": float(n.mean()) if len(n) else float("nan"),
+        "effective_share": float((eff / n).mean()) if len(n) else float("nan"),
+    }
 
 
 def retrieval_report(
@@ -494,6 +532,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             cfg.top_k,
             fm_dim,
             item_dropout=cfg.item_dropout,
+            recency_prior=cfg.recency_prior,
+            stage2_gain=cfg.stage2_gain,
         )
         model = TwoStageRanker(rcfg, vocab.row_category)
 
@@ -594,6 +634,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         metrics["retrieval"] = retrieval_report(
             model, s, vocab, train_idx, test_idx, related, cfg.batch_size * 2
         )
+        metrics["attention"] = attention_report(model, s, test_idx, cfg.batch_size * 2)
 
     metrics = nan_to_none(metrics)
     variant = cfg.variant or cfg.model

@@ -41,7 +41,7 @@ def train(
     variant: str | None = typer.Option(None, help="variant name (default: the model name)"),
     fm_bundle: Path | None = typer.Option(None, help="an fm bundle whose user embeddings become an input"),
     seed: int = typer.Option(0),
-    epochs: int = typer.Option(6, help="maximum epochs (early stopping on validation AUC)"),
+    epochs: int = typer.Option(6, help="maximum epochs (early stopping on validation AUC and logloss)"),
     batch_size: int = typer.Option(256),
     lr: float = typer.Option(2e-3),
     attention_dim: int = typer.Option(16, help="dare: attention embedding size"),
@@ -51,7 +51,9 @@ def train(
         2000, help="training window: history events per impression (most recent); serving searches deeper"
     ),
     fm_dim: int = typer.Option(32, help="fm: user embedding size"),
-    patience: int = typer.Option(2, help="epochs without validation AUC gain before stopping"),
+    patience: int = typer.Option(
+        2, help="epochs without a validation AUC gain, or without a logloss drop, before stopping"
+    ),
     item_dropout: float = typer.Option(
         0.5, help="dropout on item-level embeddings (regularizes sparse items)"
     ),
@@ -67,6 +69,9 @@ def train(
         0.1, help="weight of the co-occurrence loss that keeps the attention table arranged (0: off)"
     ),
     weight_decay: float = typer.Option(1e-6, help="L2 on dense weights (never on embedding tables)"),
+    calibrate: bool = typer.Option(
+        True, help="fold a Platt scaling fitted on the validation split into the exported head"
+    ),
     progress: bool = typer.Option(True, help="progress bars and log lines on stderr"),
 ) -> None:
     """Train a model, evaluate it on the time-based test split, export a bundle; prints one JSON line."""
@@ -107,6 +112,7 @@ def train(
         item_vectors=item_vectors,
         aux_weight=aux_weight,
         weight_decay=weight_decay,
+        calibrate=calibrate,
         progress=progress,
     )
     try:

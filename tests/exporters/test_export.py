@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,10 +19,10 @@ from service.core.search import knn_plain, search_keys, search_queries
 N_ITEMS, N_CATS, K = 60, 6, 8
 
 
-def _ranker(kind: str, fm_dim: int = 0, seed: int = 0) -> TwoStageRanker:
+def _ranker(kind: str, fm_dim: int = 0, seed: int = 0, **options: Any) -> TwoStageRanker:
     torch.manual_seed(seed)
     cats = np.r_[0, np.arange(1, N_ITEMS) % (N_CATS - 1) + 1].astype(np.int64)
-    model = TwoStageRanker(RankerConfig(kind, N_ITEMS, N_CATS, 4, 8, K, fm_dim, (16, 8)), cats)
+    model = TwoStageRanker(RankerConfig(kind, N_ITEMS, N_CATS, 4, 8, K, fm_dim, (16, 8), **options), cats)
     with torch.no_grad():  # untrained weights give near-constant scores; spread them out
         for p in model.parameters():
             p.normal_(0, 0.3)
@@ -109,9 +110,27 @@ def _served_scores(bundle, cand_rows, hist_rows, hist_ts, now, fm=None, present=
     return probs[0], attention[0], res
 
 
-@pytest.mark.parametrize("kind,fm_dim", [("dare", 0), ("coupled", 0), ("dare", 3), ("coupled", 3)])
-def test_onnx_and_faiss_match_pytorch(tmp_path: Path, kind: str, fm_dim: int) -> None:
-    model = _ranker(kind, fm_dim)
+TIME_OPTIONS = {"recency_prior": 1.0, "stage2_gain": True}
+
+
+@pytest.mark.parametrize(
+    "kind,fm_dim,options",
+    [
+        ("dare", 0, {}),
+        ("coupled", 0, {}),
+        ("dare", 3, {}),
+        ("coupled", 3, {}),
+        # the direct time-bucket bias (served through time_bias.npy) and stage 2's learned gain
+        ("dare", 3, TIME_OPTIONS),
+        ("coupled", 0, TIME_OPTIONS),
+    ],
+)
+def test_onnx_and_faiss_match_pytorch(
+    tmp_path: Path, kind: str, fm_dim: int, options: dict[str, Any]
+) -> None:
+    model = _ranker(kind, fm_dim, **options)
+    if options:
+        assert model.bucket_bias.requires_grad and model.log_stage2_gain.requires_grad
     bundle = load_bundle(_export(model, tmp_path))
     rng = np.random.default_rng(1)
     now = 1_700_000_000
