@@ -308,6 +308,34 @@ def data_synth(
     typer.echo(_data_summary(meta, out, t0))
 
 
+@data_app.command("taobao-synth")
+def data_taobao_synth(
+    out: Path = typer.Option(
+        ..., help="output folder: UserBehavior.csv, item_themes.parquet, user_interests.parquet, meta.json"
+    ),
+    users: int | None = typer.Option(None, help="users (default 987994, the real file's)"),
+    items: int | None = typer.Option(None, help="items (default 4162024)"),
+    categories: int | None = typer.Option(None, help="categories (default 9439)"),
+    seed: int | None = typer.Option(None, help="random seed (default 0)"),
+) -> None:
+    """Write a Taobao-shaped UserBehavior.csv with planted item themes and truth; prints one JSON line."""
+    import json
+
+    from exporters.convert import TAOBAO_FILE
+    from exporters.taobao_synth import TaobaoSynthConfig, write_taobao_csv
+
+    # checked by TaobaoSynthConfig.validate
+    given: dict[str, Any] = {"users": users, "items": items, "categories": categories, "seed": seed}
+    try:
+        cfg = TaobaoSynthConfig(**{k: v for k, v in given.items() if v is not None})
+        cfg.validate()
+        typer.echo(f"generating {cfg.users} users, {cfg.items} items into {out / TAOBAO_FILE}", err=True)
+        summary = write_taobao_csv(out / TAOBAO_FILE, cfg, progress=True)
+    except (ValueError, OSError) as e:
+        raise _fail(str(e)) from None
+    typer.echo(json.dumps({"out": str(out), "source": "taobao-synth", **summary}))
+
+
 @data_app.command("convert")
 def data_convert(
     fmt: str = typer.Option(..., "--format", help="movielens | taobao"),
