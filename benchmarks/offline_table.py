@@ -5,8 +5,9 @@
 
 Each dataset is built (synthetic default, or converted from MovieLens) into a temporary folder,
 every model is trained with the `dare-serve train` defaults and a fixed seed, and one markdown
-table row per model is written: test AUC / GAUC / logloss, training time, bundle size, and the
-share of stage-1 retrieved behaviors that are truly related (synthetic data only).
+table row per model is written: test AUC / GAUC / logloss / normalized entropy / calibration ratio,
+training time, bundle size, and the share of stage-1 retrieved behaviors that are truly related
+(synthetic data only).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def _row(name: str, dataset: str, r: dict, pop: bool = False) -> dict:
         "auc": m["auc"],
         "gauc": m["gauc"],
         "logloss": m["logloss"],
+        "ne": m.get("ne"),
+        "calibration": m.get("calibration"),
         "train_s": None if pop else r["train_seconds"],
         "bundle_mb": None if pop else r["bundle_bytes"] / 1e6,
         "precision": None if pop else ret.get("precision_at_k_long"),
@@ -104,16 +107,19 @@ def main() -> None:
     lines = [
         f"Measured on {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"seed {args.seed}, "
-        f"`dare-serve train` defaults (max {args.epochs} epochs, early stopping on validation AUC).",
+        f"`dare-serve train` defaults (max {args.epochs} epochs, early stopping on validation AUC and "
+        "logloss, Platt scaling fitted on the validation split). NE: logloss over the entropy of the "
+        "test click rate; calibration: mean predicted over observed rate.",
         "",
-        "| dataset | model | test AUC | GAUC | logloss | train s | bundle MB "
+        "| dataset | model | test AUC | GAUC | logloss | NE | calibration | train s | bundle MB "
         "| top-K related share | base rate |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['dataset']} | {r['model']} | {fmt(r['auc'], '.4f')} | {fmt(r['gauc'], '.4f')} | "
-            f"{fmt(r['logloss'], '.4f')} | {fmt(r['train_s'], '.0f')} | {fmt(r['bundle_mb'], '.1f')} | "
+            f"{fmt(r['logloss'], '.4f')} | {fmt(r['ne'], '.4f')} | {fmt(r['calibration'], '.3f')} | "
+            f"{fmt(r['train_s'], '.0f')} | {fmt(r['bundle_mb'], '.1f')} | "
             f"{fmt(r['precision'], '.3f')} | {fmt(r['base_rate'], '.3f')} |"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)

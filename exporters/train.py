@@ -78,6 +78,9 @@ class TrainConfig:
     decay_embeddings: bool = False
     # Platt scaling on the validation split, folded into the exported head (no extra graph node)
     calibrate: bool = True
+    # L2 on the item-table rows a batch touches (DIN's mini-batch-aware regularisation, without its
+    # frequency weights): unlike weight decay it never shrinks the rows a batch does not use
+    embedding_l2: float = 0.0
     # the ranker's direct time-bucket bias and its recency prior, and stage 2's learned attention gain
     # (models.RankerConfig); off by default until measured over seeds on every dataset
     recency_prior: float | None = None
@@ -411,6 +414,21 @@ def optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     )
 
 
+def batch_rows_l2(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Sum of squared norms of the item-table rows this batch reads (targets and histories), each row
+    once, over the batch size."""
+    rows = torch.unique(torch.cat([batch.target, batch.hist_rows[batch.hist_mask]]))
+    if isinstance(model, FoundationModel):
+        tables = [model.item]
+    else:
+        assert isinstance(model, TwoStageRanker)
+        tables = (
+            [model.repr_item] if model.attn_item is model.repr_item else [model.repr_item, model.attn_item]
+        )
+    total = sum((t(rows) ** 2).sum() for t in tables)
+    return torch.as_tensor(total) / len(batch.target)
+
+
 def cooccurrence_loss(
     model: TwoStageRanker, batch: Batch, window: int, anchors: int, rng: np.random.Generator
 ) -> torch.Tensor:
@@ -572,6 +590,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 loss = loss + cfg.aux_weight * cooccurrence_loss(
                     model, batch, cfg.aux_window, cfg.aux_anchors, rng
                 )
+            if cfg.embedding_l2 > 0:
+                loss = loss + cfg.embedding_l2 * batch_rows_l2(model, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
