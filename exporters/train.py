@@ -415,18 +415,13 @@ def optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 
 
 def batch_rows_l2(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """Sum of squared norms of the item-table rows this batch reads (targets and histories), each row
-    once, over the batch size."""
+    """Sum of squared norms of the item *representation* rows this batch reads (targets and
+    histories), each row once, over the batch size. A `dare` ranker's attention table is left alone:
+    shrinking it too cost stage 1 its retrieval lift (1.89 -> 1.54 at 1e-3 on a 3,000-user world)."""
     rows = torch.unique(torch.cat([batch.target, batch.hist_rows[batch.hist_mask]]))
-    if isinstance(model, FoundationModel):
-        tables = [model.item]
-    else:
-        assert isinstance(model, TwoStageRanker)
-        tables = (
-            [model.repr_item] if model.attn_item is model.repr_item else [model.repr_item, model.attn_item]
-        )
-    total = sum((t(rows) ** 2).sum() for t in tables)
-    return torch.as_tensor(total) / len(batch.target)
+    table = model.item if isinstance(model, FoundationModel) else model.get_submodule("repr_item")
+    assert isinstance(table, torch.nn.Embedding)
+    return (table(rows) ** 2).sum() / len(batch.target)
 
 
 def cooccurrence_loss(
