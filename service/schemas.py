@@ -47,6 +47,10 @@ class ExplainedCandidate(BaseModel):
     """The top-K behaviors of one candidate, best first by stage-1 score."""
 
     item_id: int
+    effective_behaviors: float = Field(
+        description="exp(entropy) of the attention weights: how many behaviors the candidate "
+        "effectively attends to (the list's length for mean pooling, 1 for one behavior, 0 for none)"
+    )
     behaviors: list[ExplainedBehavior]
 
 

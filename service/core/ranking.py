@@ -224,3 +224,13 @@ def rank_batch(session: Any, pool: FeedPool, inputs: Sequence[RankInput]) -> lis
         c, k = x.retrieved.shape
         out.append(RankOutput(probabilities[i, :c].copy(), attention[i, :c, :k].copy()))
     return out
+
+
+def effective_behaviors(attention: np.ndarray) -> np.ndarray:
+    """[C]: exp(entropy) of each candidate's attention weights [C, K], the number of behaviors it
+    effectively attends to: K for mean pooling, 1 when one behavior takes all the weight, 0 when the
+    candidate has no behaviors (all weights 0)."""
+    w = np.asarray(attention, dtype=np.float64)
+    logs = np.log(np.where(w > 0, w, 1.0))
+    entropy = -(w * logs).sum(axis=1)
+    return np.where(w.sum(axis=1) > 0, np.exp(entropy), 0.0)

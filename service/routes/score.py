@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
 
+from service.core.ranking import effective_behaviors
 from service.errors import MalformedJson, TooManyCandidates, request_id_of
 from service.schemas import ScoreRequest, ScoreResponse, problem_responses
 from service.scoring import ScoreJob, ScoreOutcome
@@ -40,14 +41,17 @@ def server_timing(outcome: ScoreOutcome, total_s: float) -> str:
 
 
 def explain_of(candidates: list[int], outcome: ScoreOutcome) -> list[dict[str, Any]]:
-    """Per candidate, its retrieved behaviors (raw ids and times) with their attention weights."""
+    """Per candidate, its retrieved behaviors (raw ids and times) with their attention weights, and
+    how many of them the weights effectively spread over."""
     s = outcome.scored
     items = outcome.items[s.positions].tolist()
     times = outcome.timestamps[s.positions].tolist()
     weights = s.attention.tolist()
+    effective = effective_behaviors(s.attention).tolist()
     return [
         {
             "item_id": cand,
+            "effective_behaviors": effective[c],
             "behaviors": [
                 {"item_id": i, "timestamp": t, "attention": a}
                 for i, t, a in zip(items[c], times[c], weights[c], strict=True)

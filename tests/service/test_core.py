@@ -8,7 +8,14 @@ import pytest
 from exporters.bundle import load_bundle
 from feature_store.base import FmLookup, FmStatus
 from service.core.pipeline import ScoringModel, fm_input, prepare_job, score_jobs
-from service.core.ranking import FeedPool, RankInput, distinct_positions, rank_batch, rank_input
+from service.core.ranking import (
+    FeedPool,
+    RankInput,
+    distinct_positions,
+    effective_behaviors,
+    rank_batch,
+    rank_input,
+)
 from service.core.runtime import CPU, CUDA, DeviceUnavailable, choose_providers, session_options
 from service.core.search import Stage1Engine
 from tests.conftest import TinyModels
@@ -186,3 +193,19 @@ def test_a_model_is_warmed_at_its_largest_batch(tiny_models: TinyModels) -> None
     ]
     score_jobs(warmed, jobs)
     assert warmed.feeds._free.get_nowait() is buf, "a batch up to the warmed size reuses the buffers"
+
+
+def test_effective_behaviors_against_hand_values() -> None:
+    w = np.array(
+        [
+            [0.25, 0.25, 0.25, 0.25],  # mean pooling over 4: exactly 4
+            [1.0, 0.0, 0.0, 0.0],  # one behavior takes everything: 1
+            [0.5, 0.5, 0.0, 0.0],  # two of four slots: 2, padding ignored
+            [0.0, 0.0, 0.0, 0.0],  # no behaviors: 0
+            [0.7, 0.2, 0.1, 0.0],
+        ],
+        dtype=np.float32,
+    )
+    got = effective_behaviors(w)
+    ent = -(0.7 * np.log(0.7) + 0.2 * np.log(0.2) + 0.1 * np.log(0.1))
+    np.testing.assert_allclose(got, [4.0, 1.0, 2.0, 0.0, np.exp(ent)], rtol=1e-6)

@@ -162,6 +162,10 @@ def test_explain_lists_retrieved_behaviors(client: Any, served: ServedData, tiny
         assert all((b["item_id"], b["timestamp"]) in history for b in behaviors)
         weights = np.array([b["attention"] for b in behaviors])
         assert (weights >= 0).all() and abs(weights.sum() - 1.0) < 1e-4
+        nonzero = weights[weights > 0]
+        want = float(np.exp(-(nonzero * np.log(nonzero)).sum()))
+        assert entry["effective_behaviors"] == pytest.approx(want, rel=1e-6)
+        assert 1.0 <= entry["effective_behaviors"] <= len(behaviors) + 1e-6
     plain = score(client, user, cands, "dare", timestamp=served.now).json()
     assert plain["explain"] is None and plain["scores"] == body["scores"]
 
@@ -169,6 +173,7 @@ def test_explain_lists_retrieved_behaviors(client: Any, served: ServedData, tiny
 def test_explain_for_a_cold_user_is_empty(client: Any, served: ServedData) -> None:
     body = score(client, "nobody-at-all", served.items[:2], "coupled", explain=True).json()
     assert [e["behaviors"] for e in body["explain"]] == [[], []]
+    assert [e["effective_behaviors"] for e in body["explain"]] == [0.0, 0.0]
 
 
 def test_response_headers(client: Any, served: ServedData) -> None:
