@@ -463,27 +463,17 @@ def _predict(
     batch_size: int,
     fm: np.ndarray | None,
     fm_present: np.ndarray | None,
+    logits: bool = False,
 ) -> np.ndarray:
-    """Probabilities of impressions idx."""
-    return _sigmoid(_predict_logits(model, s, idx, batch_size, fm, fm_present))
-
-
-def _predict_logits(
-    model: torch.nn.Module,
-    s: Samples,
-    idx: np.ndarray,
-    batch_size: int,
-    fm: np.ndarray | None,
-    fm_present: np.ndarray | None,
-) -> np.ndarray:
+    """Probabilities (or, with `logits`, the logits) of impressions idx."""
     out = np.zeros(len(idx), dtype=np.float64)
     where = {int(v): j for j, v in enumerate(idx)}
     model.eval()
     with torch.no_grad():
         for bidx in length_batches(s, idx, batch_size, None):
-            logits = _forward(model, make_batch(s, bidx, fm, fm_present))
-            out[[where[int(v)] for v in bidx]] = logits.double().numpy()
-    return out
+            logit = _forward(model, make_batch(s, bidx, fm, fm_present))
+            out[[where[int(v)] for v in bidx]] = logit.double().numpy()
+    return out if logits else _sigmoid(out)
 
 
 def _forward(model: torch.nn.Module, b: Batch) -> torch.Tensor:
@@ -615,7 +605,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     model.load_state_dict(best_state)
     calibration: dict[str, Any] = {"fitted": False}
     if cfg.calibrate:
-        valid_logits = _predict_logits(model, s, valid_idx, cfg.batch_size * 2, fm_arr, fm_present)
+        valid_logits = _predict(model, s, valid_idx, cfg.batch_size * 2, fm_arr, fm_present, logits=True)
         c, a = _fit_logistic(valid_logits, s.label[valid_idx].astype(np.float64))
         # a <= 0 would reverse the ranking: a validation split too small or too noisy to fit on
         if a > 0 and math.isfinite(a) and math.isfinite(c):
