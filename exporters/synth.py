@@ -26,6 +26,13 @@ ThemeLayout = Literal["nested", "independent"]
 THEME_LAYOUTS: tuple[ThemeLayout, ...] = ("nested", "independent")
 
 
+def first_failed(checks: list[tuple[bool, str]], what: str) -> None:
+    """Raises ValueError with the message of the first check that is False."""
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"invalid {what}: {message}")
+
+
 @dataclass(frozen=True)
 class SynthConfig:
     """Knobs of the synthetic world; the defaults are the embedded demo dataset."""
@@ -109,9 +116,7 @@ class SynthConfig:
             (0 < self.dormant_until < 1, "dormant_until must lie in (0, 1)"),
             (self.seed >= 0, "seed must be >= 0"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"invalid synth config: {message}")
+        first_failed(checks, "synth config")
 
 
 @dataclass(frozen=True)

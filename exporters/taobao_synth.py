@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from exporters.convert import TAOBAO_BEHAVIORS, TAOBAO_WINDOW
+from exporters.synth import first_failed
 
 DAY = 86_400
 ITEM_THEMES_FILE = "item_themes.parquet"
@@ -118,9 +119,7 @@ class TaobaoSynthConfig:
             (self.chunk_users >= 1, "chunk_users must be >= 1"),
             (self.seed >= 0, "seed must be >= 0"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"invalid taobao synth config: {message}")
+        first_failed(checks, "taobao synth config")
 
 
 @dataclass(frozen=True)
