@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -67,6 +67,25 @@ TAOBAO_FILE = "UserBehavior.csv"
 TAOBAO_BEHAVIORS = ("pv", "buy", "cart", "fav")
 # [2017-11-25 00:00, 2017-12-04 00:00) China time: the dataset's documented collection period
 TAOBAO_WINDOW = (1_511_539_200, 1_512_316_800)
+TaobaoProtocol = Literal["pageviews", "dare"]
+TAOBAO_PROTOCOLS: tuple[TaobaoProtocol, ...] = ("pageviews", "dare")
+# The DARE paper's protocol (github.com/thuml/DARE, preprocess/taobao_v4.py and scripts/taobao.sh). Only page
+# views count; a user needs this many to take part.
+DARE_MIN_PAGEVIEWS = 210
+DARE_NEGATIVES = 2
+# Targets as offsets from the end of a user's page views (1 = the last). The reference tests on 1, validates
+# on 2 and trains on 19 targets 5 apart from 3 on (3, 8, ..., 93). The trainer's per-user split holds out the
+# newest 10 % twice instead; with 23 targets of 3 impressions (69) that is 6 impressions each: offsets 1 and 2
+# test, 3 and 8 validate, and the 19 targets from 13 to 103 train, so the training part keeps the reference's
+# size (57 impressions per user).
+DARE_TARGET_OFFSETS = (1, 2, *range(3, 104, 5))
+# the reference's history: the newest 200 page views before a target (`dare-serve train --max-seq-len 200`)
+DARE_HISTORY = 200
+DARE_TRAIN_COMMAND = "dare-serve train --max-seq-len 200 --top-k 20 --batch-size 2048 --epochs 2"
+TAOBAO_LABEL_RULES: dict[TaobaoProtocol, str] = {
+    "pageviews": "next page view (1) + one popularity-sampled untouched item (0)",
+    "dare": f"page view at each target offset (1) + {DARE_NEGATIVES} frequency-sampled unviewed items (0)",
+}
 
 
 def movielens_layout(path: str | Path) -> str:
@@ -267,10 +286,15 @@ def convert_taobao(
     seed: int = 0,
     window: tuple[int, int] | None = TAOBAO_WINDOW,
     chunksize: int = 2_000_000,
+    protocol: TaobaoProtocol = "pageviews",
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(events, impressions) of Taobao UserBehavior.csv: every behavior is an event; each user's page views
-    after the first `min_history` are positives, each with one popularity-sampled negative the user never
-    touched, at the same timestamp."""
+    """(events, impressions) of Taobao UserBehavior.csv under a sampling protocol.
+
+    `pageviews`: every behavior is an event; each user's page views after the first `min_history` are
+    positives, each with one popularity-sampled negative the user never touched, at the same timestamp.
+    `dare`: the DARE paper's protocol, see `dare_impressions`."""
+    if protocol not in TAOBAO_PROTOCOLS:
+        raise DatasetError(f"unknown Taobao protocol {protocol!r}; use 'pageviews' or 'dare'")
     rows = _read_taobao(_taobao_file(Path(path)), max_users, window, chunksize)
     if len(rows) == 0:
         raise DatasetError(f"{path}: no rows left after dropping bad timestamps and behaviors")
@@ -285,6 +309,12 @@ def convert_taobao(
     cat_keys, category = np.unique(raw_cat, return_inverse=True)
     category = category.astype(np.int64) + 1
     del rows, raw_cat
+    rng = np.random.default_rng(seed)
+    if protocol == "dare":
+        is_pv = behavior == TAOBAO_BEHAVIORS.index("pv")
+        if not is_pv.any():
+            raise DatasetError(f"{path}: no page views")
+        return dare_impressions(user[is_pv], item[is_pv], category[is_pv], ts[is_pv], rng)
 
     items, item_code = np.unique(item, return_inverse=True)
     users, user_code = np.unique(user, return_inverse=True)
@@ -299,7 +329,6 @@ def convert_taobao(
     pv_rank = np.arange(len(pv_at)) - (np.cumsum(pv_count) - pv_count)[pv_user]
     positives = pv_at[pv_rank >= min_history]
 
-    rng = np.random.default_rng(seed)
     neg_code, ok = _sample_negatives(user_code, item_code, user_code[positives], rng)
     pos_user = user_code[positives]
     im_user = np.concatenate([pos_user, pos_user[ok]])
@@ -325,6 +354,65 @@ def convert_taobao(
             "timestamp": im_ts,
             "label": im_label,
             "impression_id": np.arange(len(im_user), dtype=np.int64),
+        }
+    )
+    return _string_sorted(events), _string_sorted(impressions, renumber=True)
+
+
+def dare_impressions(
+    user: np.ndarray, item: np.ndarray, category: np.ndarray, ts: np.ndarray, rng: np.random.Generator
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(events, impressions) of the DARE paper's protocol from page views sorted by (user, time, item).
+
+    Users with at least DARE_MIN_PAGEVIEWS page views take part; their page views are the events. Each one
+    gets a positive at every offset of DARE_TARGET_OFFSETS from the end of their page views, and per positive
+    DARE_NEGATIVES items drawn with replacement by page-view frequency (every user's) among items the user
+    never viewed, at the positive's timestamp. `target_offset` records each impression's offset."""
+    items, item_code = np.unique(item, return_inverse=True)
+    users, user_code = np.unique(user, return_inverse=True)
+    count = np.bincount(user_code, minlength=len(users))
+    end = np.cumsum(count)
+    kept = np.flatnonzero(count >= DARE_MIN_PAGEVIEWS)
+    if len(kept) == 0:
+        raise DatasetError(f"no user has {DARE_MIN_PAGEVIEWS} or more page views")
+    # an item seen under several categories takes its latest one, as in the reference
+    last_at = len(item_code) - 1 - np.unique(item_code[::-1], return_index=True)[1]
+    item_category = category[last_at]
+
+    offsets = np.asarray(DARE_TARGET_OFFSETS, np.int64)
+    target_at = (end[kept][:, None] - offsets[None, :]).ravel()
+    target_offset = np.tile(offsets, len(kept))
+    pos_user = user_code[target_at]
+    neg_target = np.repeat(target_at, DARE_NEGATIVES)
+    neg_code, ok = _sample_negatives(user_code, item_code, user_code[neg_target], rng)
+    neg_target, neg_code = neg_target[ok], neg_code[ok]
+
+    user_names = _user_strings(users).to_numpy(dtype=object)
+    in_kept = count[user_code] >= DARE_MIN_PAGEVIEWS
+    events = pd.DataFrame(
+        {
+            "user_id": pd.Series(user_names[user_code[in_kept]], dtype="str"),
+            "item_id": item[in_kept],
+            "category_id": category[in_kept],
+            "timestamp": ts[in_kept],
+            "behavior": pd.Categorical.from_codes(
+                np.full(int(in_kept.sum()), TAOBAO_BEHAVIORS.index("pv"), np.int8),
+                categories=pd.Index(TAOBAO_BEHAVIORS),
+            ),
+        }
+    )
+    impressions = pd.DataFrame(
+        {
+            "user_id": pd.Series(user_names[np.concatenate([pos_user, user_code[neg_target]])], dtype="str"),
+            "item_id": np.concatenate([item[target_at], items[neg_code]]),
+            # the positive keeps the category of its own page view
+            "category_id": np.concatenate([category[target_at], item_category[neg_code]]),
+            "timestamp": np.concatenate([ts[target_at], ts[neg_target]]),
+            "label": np.concatenate([np.ones(len(target_at), np.int8), np.zeros(len(neg_target), np.int8)]),
+            "impression_id": np.arange(len(target_at) + len(neg_target), dtype=np.int64),
+            "target_offset": np.concatenate(
+                [target_offset, np.repeat(target_offset, DARE_NEGATIVES)[ok]]
+            ).astype(np.int16),
         }
     )
     return _string_sorted(events), _string_sorted(impressions, renumber=True)
@@ -358,11 +446,40 @@ def _sample_negatives(
     return neg, ok
 
 
+def taobao_protocol_meta(protocol: TaobaoProtocol, min_history: int = 5) -> dict[str, Any]:
+    """What meta.json records of a Taobao protocol: its name and every parameter it ran with."""
+    if protocol == "pageviews":
+        return {
+            "name": "pageviews",
+            "behaviors": list(TAOBAO_BEHAVIORS),
+            "min_history": min_history,
+            "negatives": 1,
+        }
+    return {
+        "name": "dare",
+        "reference": "github.com/thuml/DARE preprocess/taobao_v4.py",
+        "behaviors": ["pv"],
+        "min_pageviews": DARE_MIN_PAGEVIEWS,
+        "target_offsets": list(DARE_TARGET_OFFSETS),
+        "negatives": DARE_NEGATIVES,
+        "history": DARE_HISTORY,
+        "train": DARE_TRAIN_COMMAND,
+    }
+
+
 def convert_to_folder(
-    fmt: str, path: str | Path, out_dir: str | Path, max_users: int | None = None, seed: int = 0
+    fmt: str,
+    path: str | Path,
+    out_dir: str | Path,
+    max_users: int | None = None,
+    seed: int = 0,
+    protocol: str | None = None,
 ) -> dict[str, Any]:
-    """Converts a public dataset and writes the canonical folder; returns its meta."""
+    """Converts a public dataset and writes the canonical folder; returns its meta. `protocol` is Taobao's
+    sampling protocol (default 'pageviews')."""
     meta: dict[str, Any]
+    if protocol is not None and fmt != "taobao":
+        raise DatasetError(f"a protocol applies to the taobao format only, not to {fmt!r}")
     if fmt == "movielens":
         events, impressions = convert_movielens(path, max_users=max_users)
         meta = {
@@ -372,10 +489,15 @@ def convert_to_folder(
             "label_rule": f"rating >= {POSITIVE_RATING}",
         }
     elif fmt == "taobao":
-        events, impressions = convert_taobao(path, max_users=max_users, seed=seed)
+        protocols: dict[str | None, TaobaoProtocol] = {None: "pageviews", **{p: p for p in TAOBAO_PROTOCOLS}}
+        chosen = protocols.get(protocol)
+        if chosen is None:
+            raise DatasetError(f"unknown Taobao protocol {protocol!r}; use 'pageviews' or 'dare'")
+        events, impressions = convert_taobao(path, max_users=max_users, seed=seed, protocol=chosen)
         meta = {
             "source": "taobao",
-            "label_rule": "next page view (1) + one popularity-sampled untouched item (0)",
+            "protocol": taobao_protocol_meta(chosen),
+            "label_rule": TAOBAO_LABEL_RULES[chosen],
         }
     else:
         raise DatasetError(f"unknown format {fmt!r}; use 'movielens' or 'taobao'")

@@ -343,20 +343,29 @@ def data_convert(
     out: Path = typer.Option(..., help="output dataset folder"),
     max_users: int | None = typer.Option(None, help="keep only the first N users by id"),
     seed: int = typer.Option(0, help="seed of Taobao's sampled negatives"),
+    protocol: str | None = typer.Option(
+        None,
+        help="taobao only: pageviews (the default: every page view after the first 5, one negative each) | "
+        "dare (the DARE paper's: users with >= 210 page views, 23 targets with 2 negatives each)",
+    ),
 ) -> None:
     """Convert a public dataset into the canonical form; prints one JSON line."""
     import time
 
-    from exporters.convert import convert_to_folder
+    from exporters.convert import TAOBAO_PROTOCOLS, convert_to_folder
 
     if fmt not in ("movielens", "taobao"):
         raise _fail(f"--format must be movielens or taobao, not {fmt!r}")
+    if protocol is not None and fmt != "taobao":
+        raise _fail(f"--protocol applies to --format taobao only, not to {fmt!r}")
+    if protocol is not None and protocol not in TAOBAO_PROTOCOLS:
+        raise _fail(f"--protocol must be {' or '.join(TAOBAO_PROTOCOLS)}, not {protocol!r}")
     if not path.exists():
         raise _fail(f"{path}: not found")
     t0 = time.time()
     typer.echo(f"converting {fmt} from {path} into {out}", err=True)
     try:
-        meta = convert_to_folder(fmt, path, out, max_users=max_users, seed=seed)
+        meta = convert_to_folder(fmt, path, out, max_users=max_users, seed=seed, protocol=protocol)
     except (ValueError, OSError) as e:
         raise _fail(str(e)) from None
     typer.echo(_data_summary(meta, out, t0))
