@@ -101,6 +101,8 @@ return {
       [...box.querySelectorAll("tr.behavior")].map((tr) => [
         Number(tr.dataset.item), Number(tr.dataset.timestamp), tr.dataset.attention]),
     ])),
+    effective: Object.fromEntries([...d.querySelectorAll(".explain-variant")].map((box) => [
+      box.dataset.variant, box.dataset.effective])),
   })),
   ticks: rows("#timeline line.event").length,
   candidateTicks: rows("#timeline line.event.candidate-item").length,
@@ -186,6 +188,7 @@ def test_inspector_shows_what_the_api_answers(server: Server, browser: Any) -> N
             ]
             got = [(i, t, float(a)) for i, t, a in entry["variants"][variant]]
             assert got == expected and len(got) == models[variant]["top_k"]
+            assert float(entry["effective"][variant]) == answer["explain"][c]["effective_behaviors"]
 
     # The timeline: every behavior a model reads, and candidate 0's retrieved ones (selected first).
     window = min(10_000, max(m["search_depth"] for m in models.values()))

@@ -324,9 +324,13 @@ function renderExplain() {
     details.append(summary);
     const grid = el("div", { class: "side-by-side" });
     for (const r of results) {
-      const behaviors = r.body.explain ? r.body.explain[i].behaviors : [];
-      const box = el("div", { class: "explain-variant", "data-variant": r.variant });
-      box.append(el("h4", {}, swatch(r.variant), ` ${behaviors.length} behaviors retrieved`));
+      const explained = r.body.explain ? r.body.explain[i] : { behaviors: [], effective_behaviors: 0 };
+      const behaviors = explained.behaviors;
+      const effective = explained.effective_behaviors;
+      const box = el("div", { class: "explain-variant", "data-variant": r.variant, "data-effective": effective });
+      // exp(entropy) of the weights: how many behaviors the attention really spreads over
+      const spread = behaviors.length ? `, attention spread over ${effective.toFixed(1)}` : "";
+      box.append(el("h4", {}, swatch(r.variant), ` ${behaviors.length} behaviors retrieved${spread}`));
       if (!behaviors.length) {
         box.append(el("p", { class: "muted", text: "none: the user has no stored behaviors" }));
       } else {
