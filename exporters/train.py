@@ -226,7 +226,7 @@ def _fit_logistic(x: np.ndarray, y: np.ndarray, steps: int = 50) -> tuple[float,
     w = np.zeros(2)
     xb = np.stack([np.ones_like(x), x], axis=1)
     for _ in range(steps):
-        p = 1 / (1 + np.exp(-xb @ w))
+        p = expit(xb @ w)
         grad = xb.T @ (p - y)
         hess = (xb * (p * (1 - p))[:, None]).T @ xb + 1e-6 * np.eye(2)
         w -= np.linalg.solve(hess, grad)
@@ -630,7 +630,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         metrics["fm_missing"] = evaluate(s.label[test_idx], no_fm, users)
     pop = popularity_scores(ds, s)
     a, b = _fit_logistic(pop[train_idx], s.label[train_idx].astype(np.float64))
-    pop_probs = 1 / (1 + np.exp(-(a + b * pop[test_idx])))
+    pop_probs = expit(a + b * pop[test_idx])
     metrics["popularity"] = evaluate(s.label[test_idx], pop_probs, users, bins=True)
     if isinstance(model, TwoStageRanker):
         related = related_positions(ds, s, vocab)
