@@ -113,7 +113,11 @@ def list_versions(variant_dir: Path) -> list[Path]:
 def write_bundle(
     root: Path, variant: str, manifest: dict[str, Any], writers: dict[str, Callable[[Path], None]]
 ) -> Path:
-    """Write a new version of `variant` under root atomically; returns its folder."""
+    """Write a new version of `variant` under root atomically; returns its folder.
+
+    `writers` maps a file name to the function that writes it; the manifest lists every file they
+    leave in the folder with its sha256 (a graph's external data file included).
+    """
     check_name("variant", variant)
     variant_dir = Path(root) / variant
     variant_dir.mkdir(parents=True, exist_ok=True)
@@ -121,7 +125,11 @@ def write_bundle(
     try:
         for name, write in writers.items():
             write(tmp / name)
-        files = {name: sha256_file(tmp / name) for name in sorted(writers)}
+            if not (tmp / name).is_file():
+                raise BundleError(f"{variant}: the writer of {name} wrote no file")
+        # Every file in the folder, not only the writers' names: a graph writer may put its
+        # tensors in an external data file beside the graph, and that file needs a checksum too.
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         while True:
             existing = list_versions(variant_dir)
             version = str(int(existing[-1].name) + 1 if existing else 1)
@@ -280,9 +288,22 @@ def read_manifest(path: Path) -> Manifest:
     return manifest
 
 
+def external_data_files(path: Path, manifest: Manifest) -> list[str]:
+    """The files that hold the ONNX graph's tensors outside it (`onnx.external_data`; none: [])."""
+    onnx_info = (manifest.model_extra or {}).get("onnx") or {}
+    names = onnx_info.get("external_data", []) if isinstance(onnx_info, dict) else []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise BundleError(f"{path}: manifest onnx.external_data must be a list of file names, not {names!r}")
+    return names
+
+
 def verify_files(path: Path, manifest: Manifest) -> None:
-    """Every required file is listed, present, inside the bundle and matches its sha256."""
-    for name in REQUIRED_FILES[manifest.model]:
+    """Every required file is listed, present, inside the bundle and matches its sha256.
+
+    The graph's external data files are required too, so a missing, truncated or corrupt one is
+    refused here, by name, before ONNX Runtime reads anything.
+    """
+    for name in (*REQUIRED_FILES[manifest.model], *external_data_files(path, manifest)):
         if name not in manifest.files:
             raise BundleError(f"{path}: manifest does not list required file {name}")
     root = Path(path).resolve()

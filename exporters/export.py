@@ -1,4 +1,4 @@
-"""Export trained models to bundles: self-contained ONNX graphs, the FAISS attention index, arrays."""
+"""Export trained models to bundles: ONNX graphs (large ones with external data), the FAISS index, arrays."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 
 from exporters.bundle import write_bundle
@@ -16,6 +17,44 @@ from exporters.models import FoundationModel, TwoStageRanker, UserEncoderGraph
 from exporters.stage2_graph import FM_INPUTS, INPUTS, OUTPUTS, Stage2Graph
 
 OPSET = 17
+# A graph whose initializers take more bytes than this is written as the graph file and one external
+# data file beside it (`<graph>.data`). ONNX Runtime cannot parse a graph file over protobuf's 2 GB
+# limit at all, and it parses an embedded graph whole before copying its tensors out, so a large
+# embedded graph costs about twice its size while it loads; a Taobao-size catalogue (4.2 M items at
+# representation d=64: 1.07 GB of tables) is above this.
+EXTERNAL_DATA_THRESHOLD = 512 * 2**20
+# Tensors smaller than this stay inside the graph file even when it has external data.
+_EXTERNAL_MIN_TENSOR = 1024
+
+
+def _trace(
+    module: torch.nn.Module,
+    args: tuple[torch.Tensor, ...],
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_axes: dict[str, dict[int, str]],
+    folder: Path,
+) -> Path:
+    """Trace a module to `folder`/model.onnx (the dynamo exporter puts its tensors in a file beside it)."""
+    module.eval()
+    path = folder / "model.onnx"
+    common: dict[str, Any] = {
+        "input_names": input_names,
+        "output_names": output_names,
+        "dynamic_axes": dynamic_axes,
+        "opset_version": OPSET,
+    }
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated upstream but exact and fast for these graphs;
+        # the dynamo exporter is used only where the TorchScript one is gone.
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(module, args, path, dynamo=False, **common)
+        except (TypeError, RuntimeError, NotImplementedError):
+            for leftover in folder.iterdir():
+                leftover.unlink()
+            torch.onnx.export(module, args, path, dynamo=True, external_data=True, **common)
+    return path
 
 
 def onnx_bytes(
@@ -25,25 +64,48 @@ def onnx_bytes(
     output_names: list[str],
     dynamic_axes: dict[str, dict[int, str]],
 ) -> bytes:
-    """Trace a module to ONNX (weights embedded, so the file is self-contained) and return its bytes."""
-    module.eval()
-    with warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
-        # The TorchScript exporter is deprecated upstream but exact and fast for these graphs;
-        # the dynamo exporter is used only where the TorchScript one is gone.
-        warnings.simplefilter("ignore")
-        path = Path(tmp) / "model.onnx"
-        common: dict[str, Any] = {
-            "input_names": input_names,
-            "output_names": output_names,
-            "dynamic_axes": dynamic_axes,
-            "opset_version": OPSET,
-        }
-        try:
-            torch.onnx.export(module, args, path, dynamo=False, **common)
-        except (TypeError, RuntimeError, NotImplementedError):
-            path.unlink(missing_ok=True)
-            torch.onnx.export(module, args, path, dynamo=True, external_data=False, **common)
-        return path.read_bytes()
+    """Trace a module to ONNX (weights embedded, so the file is self-contained) and return its bytes.
+
+    For graphs under 2 GB (benchmarks compare graphs in memory); bundles are written with
+    `onnx_model` and `_onnx_writer`, which handle any size.
+    """
+    return onnx_model(module, args, input_names, output_names, dynamic_axes).SerializeToString()
+
+
+def onnx_model(
+    module: torch.nn.Module,
+    args: tuple[torch.Tensor, ...],
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_axes: dict[str, dict[int, str]],
+) -> onnx.ModelProto:
+    """Trace a module to ONNX, every tensor in memory whatever the exporter wrote to disk.
+
+    The TorchScript exporter writes a graph over 2 GB as one file that the onnx package still
+    parses (ONNX Runtime does not); `_onnx_writer` then moves its tensors to external data.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        path = _trace(module, args, input_names, output_names, dynamic_axes, Path(tmp))
+        return onnx.load_model(path, load_external_data=True)
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of a graph's initializers (its weights and tables)."""
+    total = 0
+    for t in model.graph.initializer:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        total += int(np.prod(t.dims, dtype=np.int64)) * itemsize
+    return total
+
+
+def external_data_name(graph_name: str) -> str:
+    """The external data file of a graph file: `ranker.onnx` -> `ranker.onnx.data`."""
+    return f"{graph_name}.data"
+
+
+def uses_external_data(model: onnx.ModelProto, threshold: int) -> bool:
+    """Whether a graph is written with its tensors in an external data file (see EXTERNAL_DATA_THRESHOLD)."""
+    return initializer_bytes(model) > threshold
 
 
 def ranker_inputs(ranker: TwoStageRanker) -> list[str]:
@@ -51,8 +113,9 @@ def ranker_inputs(ranker: TwoStageRanker) -> list[str]:
     return [*INPUTS, *(FM_INPUTS if ranker.cfg.fm_dim else ())]
 
 
-def ranker_onnx(ranker: TwoStageRanker, graph: type[Stage2Graph] = Stage2Graph) -> bytes:
-    """Stage 2 of a ranker as ONNX (see `Stage2Graph`; benchmarks pass variants): B, C and U dynamic."""
+def _ranker_trace_args(
+    ranker: TwoStageRanker, graph: type[Stage2Graph]
+) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...], list[str], list[str], dict[str, dict[int, str]]]:
     cfg = ranker.cfg
     b, c, u, k = 2, 3, 5, cfg.top_k
     args: list[torch.Tensor] = [
@@ -76,11 +139,22 @@ def ranker_onnx(ranker: TwoStageRanker, graph: type[Stage2Graph] = Stage2Graph) 
     if cfg.fm_dim:
         args += [torch.randn(b, cfg.fm_dim), torch.ones(b)]
         axes |= {"fm": {0: "B"}, "fm_present": {0: "B"}}
-    return onnx_bytes(graph(ranker), tuple(args), ranker_inputs(ranker), list(OUTPUTS), axes)
+    return graph(ranker), tuple(args), ranker_inputs(ranker), list(OUTPUTS), axes
 
 
-def encoder_onnx(fm: FoundationModel) -> bytes:
-    """The FM user tower as ONNX: [B, L] histories to [B, fm_dim] embeddings."""
+def ranker_onnx(ranker: TwoStageRanker, graph: type[Stage2Graph] = Stage2Graph) -> bytes:
+    """Stage 2 of a ranker as ONNX bytes (see `Stage2Graph`; benchmarks pass variants): B, C and U dynamic."""
+    return onnx_bytes(*_ranker_trace_args(ranker, graph))
+
+
+def ranker_model(ranker: TwoStageRanker, graph: type[Stage2Graph] = Stage2Graph) -> onnx.ModelProto:
+    """Stage 2 of a ranker as an in-memory ONNX model, of any size."""
+    return onnx_model(*_ranker_trace_args(ranker, graph))
+
+
+def _encoder_trace_args(
+    fm: FoundationModel,
+) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...], list[str], list[str], dict[str, dict[int, str]]]:
     b, length = 2, 5
     args = (
         torch.randint(0, fm.cfg.n_items, (b, length)),
@@ -93,14 +167,55 @@ def encoder_onnx(fm: FoundationModel) -> bytes:
         "mask": {0: "B", 1: "L"},
         "user_embedding": {0: "B"},
     }
-    return onnx_bytes(UserEncoderGraph(fm), args, ["behaviors", "buckets", "mask"], ["user_embedding"], axes)
+    return UserEncoderGraph(fm), args, ["behaviors", "buckets", "mask"], ["user_embedding"], axes
 
 
-def _bytes_writer(data: bytes) -> Callable[[Path], None]:
+def encoder_onnx(fm: FoundationModel) -> bytes:
+    """The FM user tower as ONNX bytes: [B, L] histories to [B, fm_dim] embeddings."""
+    return onnx_bytes(*_encoder_trace_args(fm))
+
+
+def encoder_model(fm: FoundationModel) -> onnx.ModelProto:
+    """The FM user tower as an in-memory ONNX model, of any size."""
+    return onnx_model(*_encoder_trace_args(fm))
+
+
+def _onnx_writer(model: onnx.ModelProto, external: bool) -> Callable[[Path], None]:
+    """Write a graph; with `external`, its tensors go to one file beside it (`external_data_name`)."""
+
     def write(p: Path) -> None:
-        p.write_bytes(data)
+        if external:
+            onnx.save_model(
+                model,
+                p,
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                # relative to the graph file, so the bundle folder can move
+                location=external_data_name(p.name),
+                size_threshold=_EXTERNAL_MIN_TENSOR,
+            )
+            # onnx creates the data file owner-only; a server running as another user must read it
+            # as it reads the graph
+            (p.parent / external_data_name(p.name)).chmod(p.stat().st_mode & 0o777)
+        else:
+            onnx.save_model(model, p)
 
     return write
+
+
+def _onnx_manifest(
+    model: onnx.ModelProto, graph_name: str, inputs: list[str], outputs: list[str], threshold: int
+) -> tuple[dict[str, Any], Callable[[Path], None]]:
+    """The manifest's `onnx` entry of a graph and the writer of its file(s)."""
+    external = uses_external_data(model, threshold)
+    info = {
+        "opset": OPSET,
+        "inputs": inputs,
+        "outputs": outputs,
+        "initializer_bytes": initializer_bytes(model),
+        "external_data": [external_data_name(graph_name)] if external else [],
+    }
+    return info, _onnx_writer(model, external)
 
 
 def _npy_writer(arr: np.ndarray) -> Callable[[Path], None]:
@@ -138,12 +253,20 @@ def export_ranker(
     metrics: dict[str, Any],
     fm_version: str | None,
     extra: dict[str, Any],
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
 ) -> Path:
-    """Write a `dare`/`coupled` bundle: ranker.onnx, attention.faiss, time_bias.npy, item arrays."""
+    """Write a `dare`/`coupled` bundle: ranker.onnx, attention.faiss, time_bias.npy, item arrays.
+
+    A graph with more than `external_data_threshold` bytes of initializers is written as
+    ranker.onnx and ranker.onnx.data (its tensors), both listed with their checksums.
+    """
     cfg = ranker.cfg
     ranker.eval()
     with torch.no_grad():
         time_bias = ranker.time_bias().float().numpy().astype(np.float32)
+    onnx_info, onnx_writer = _onnx_manifest(
+        ranker_model(ranker), "ranker.onnx", ranker_inputs(ranker), list(OUTPUTS), external_data_threshold
+    )
     manifest = {
         "model": cfg.kind,
         "dims": {"attention": cfg.attention_dim, "representation": cfg.representation_dim, "fm": cfg.fm_dim},
@@ -155,16 +278,12 @@ def export_ranker(
         "attention_scale": ranker.scale,
         "fm_version": fm_version,
         "metrics": metrics,
-        "onnx": {
-            "opset": OPSET,
-            "inputs": ranker_inputs(ranker),
-            "outputs": list(OUTPUTS),
-        },
+        "onnx": onnx_info,
         "config": cfg.to_dict(),
         **extra,
     }
     writers = {
-        "ranker.onnx": _bytes_writer(ranker_onnx(ranker)),
+        "ranker.onnx": onnx_writer,
         "attention.faiss": _faiss_writer(ranker.item_attention_table()),
         "time_bias.npy": _npy_writer(time_bias),
         "item_ids.npy": _npy_writer(np.asarray(item_ids, dtype=np.int64)),
@@ -182,9 +301,14 @@ def export_fm(
     max_seq_len: int,
     metrics: dict[str, Any],
     extra: dict[str, Any],
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
 ) -> Path:
-    """Write an `fm` bundle: user_encoder.onnx and the item arrays."""
+    """Write an `fm` bundle: user_encoder.onnx and the item arrays (external data as `export_ranker`)."""
     cfg = fm.cfg
+    inputs = ["behaviors", "buckets", "mask"]
+    onnx_info, onnx_writer = _onnx_manifest(
+        encoder_model(fm), "user_encoder.onnx", inputs, ["user_embedding"], external_data_threshold
+    )
     manifest = {
         "model": "fm",
         "dims": {"attention": 0, "representation": cfg.dim, "fm": cfg.fm_dim},
@@ -195,12 +319,12 @@ def export_fm(
         "n_time_buckets": cfg.n_time_buckets,
         "fm_version": None,
         "metrics": metrics,
-        "onnx": {"opset": OPSET, "inputs": ["behaviors", "buckets", "mask"], "outputs": ["user_embedding"]},
+        "onnx": onnx_info,
         "config": cfg.to_dict(),
         **extra,
     }
     writers = {
-        "user_encoder.onnx": _bytes_writer(encoder_onnx(fm)),
+        "user_encoder.onnx": onnx_writer,
         "item_ids.npy": _npy_writer(np.asarray(item_ids, dtype=np.int64)),
         "item_categories.npy": _npy_writer(fm.row_category.numpy().astype(np.int64)),
         "weights.npz": _weights_writer(fm),
