@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import io
+import re
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, cast
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+from tqdm import tqdm
 
-from exporters.dataset import DatasetError, lookup, write_dataset
+from exporters.dataset import DatasetError, DatasetWriter, lookup, sorted_distinct, write_dataset
 
 # Fixed category table for the csv / dat layouts: id = position + 1, 0 = no genre. Genres outside it
 # (none in the published files) get ids after it, in sorted order.
@@ -235,48 +243,590 @@ def _taobao_file(path: Path) -> Path:
     return path
 
 
-def _read_taobao(
-    path: Path, max_users: int | None, window: tuple[int, int] | None, chunksize: int
-) -> pd.DataFrame:
-    """Clean rows (user, item, category, behavior, timestamp) read in chunks; the first max_users users."""
-    parts: list[pd.DataFrame] = []
-    keep: np.ndarray | None = None
-    names = ["user", "item", "category", "behavior", "timestamp"]
+@dataclass
+class TaobaoRows:
+    """What the reader keeps of a Taobao file: one compact entry per clean row (int32 where the values fit),
+    the behavior as its index in TAOBAO_BEHAVIORS, and what it dropped."""
+
+    user: np.ndarray
+    item: np.ndarray
+    category: np.ndarray
+    ts: np.ndarray
+    behavior: np.ndarray  # uint8
+    # raw categories of the rows a page-views-only read dropped (they still count for the dense category ids)
+    other_categories: np.ndarray
+    lines: int  # physical lines of the file
+    outside_window: int  # well-formed rows outside the collection period (dropped, as data)
+    bad_lines: int
+    first_bad_lines: list[int] = field(default_factory=list)
+
+
+class _Sink(Protocol):
+    def write_events(
+        self, user_ids: pa.Array[Any], columns: dict[str, Any], order: np.ndarray | None
+    ) -> None: ...
+
+    def write_impressions(
+        self, user_ids: pa.Array[Any], columns: dict[str, Any], order: np.ndarray | None
+    ) -> None: ...
+
+
+_NAMES = ["user", "item", "category", "behavior", "timestamp"]
+_INT_FIELDS = ("user", "item", "category", "timestamp")
+# one well-formed line, as the typed CSV read accepts it (it trims blanks around integers); the line's newline
+# stays in the binary array, hence the optional \r?\n at the end
+_LINE_RE = (
+    r"^[ \t]*-?[0-9]{1,19}[ \t]*,[ \t]*-?[0-9]{1,19}[ \t]*,[ \t]*-?[0-9]{1,19}[ \t]*,"
+    + "("
+    + "|".join(TAOBAO_BEHAVIORS)
+    + ")"
+    + r",[ \t]*-?[0-9]{1,19}[ \t]*\r?\n?$"
+)
+_INT_RE = re.compile(r"[ \t]*-?[0-9]+[ \t]*")
+_SHOWN_BAD_LINES = 10
+_PV = TAOBAO_BEHAVIORS.index("pv")
+
+
+class _BadLine(DatasetError):
+    pass
+
+
+def _read_block(data: bytes | memoryview) -> pa.Table:
+    """Whole lines through pyarrow's CSV reader, typed; raises pa.ArrowInvalid on a malformed line."""
+    return pacsv.read_csv(
+        cast(Any, pa.BufferReader(data)),
+        read_options=pacsv.ReadOptions(column_names=_NAMES, block_size=1 << 24),
+        # no quoting in this format: a quote is a bad line, in this read and in the line-by-line check alike
+        parse_options=pacsv.ParseOptions(quote_char=False),
+        convert_options=pacsv.ConvertOptions(
+            column_types={
+                **{name: pa.int64() for name in _INT_FIELDS},
+                "behavior": pa.dictionary(pa.int32(), pa.string()),
+            },
+            null_values=[],
+            strings_can_be_null=False,
+        ),
+    )
+
+
+def _behavior_codes(column: pa.ChunkedArray[Any]) -> np.ndarray:
+    """Index in TAOBAO_BEHAVIORS per row; 255 for any other value."""
+    known = pa.array(TAOBAO_BEHAVIORS, pa.string())
+    parts = []
+    for chunk in cast(list[Any], column.chunks):
+        lut = pc.index_in(chunk.dictionary, value_set=known).to_numpy(zero_copy_only=False)
+        lut = np.nan_to_num(lut.astype(np.float64), nan=255).astype(np.uint8)  # nulls (not found) -> 255
+        parts.append(lut[chunk.indices.to_numpy(zero_copy_only=False)])
+    return np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+
+
+def _line_problem(line: bytes) -> str:
+    """Why a line is malformed, in words."""
+    fields = line.rstrip(b"\r\n").decode("utf-8", "replace").split(",")
+    if len(fields) != len(_NAMES):
+        return f"expected {len(_NAMES)} fields, found {len(fields)}"
+    for name, value in zip(_NAMES, fields, strict=True):
+        if name == "behavior":
+            if value not in TAOBAO_BEHAVIORS:
+                return f"unknown behavior {value!r} (expected {', '.join(TAOBAO_BEHAVIORS)})"
+        elif not _INT_RE.fullmatch(value) or not -(2**63) <= int(value) < 2**63:
+            return f"{name} is not a 64-bit integer: {value!r}"
+    return "not readable as CSV"
+
+
+def _bad_line_error(path: Path, line_no: int, line: bytes, last: bool) -> _BadLine:
+    text = line.rstrip(b"\r\n").decode("utf-8", "replace")
+    shown = text if len(text) <= 200 else text[:200] + "..."
+    truncated = " (the last line, without a newline: the file looks truncated)" if last else ""
+    return _BadLine(
+        f"{path}: line {line_no}: {_line_problem(line)}{truncated}: {shown!r}; "
+        "--skip-bad-lines skips and counts such lines"
+    )
+
+
+def _split_lines(block: bytes) -> tuple[pa.Array[Any], np.ndarray]:
+    """The block's lines (each with its newline) as one binary array without copying, and their starts."""
+    newline = np.flatnonzero(np.frombuffer(block, np.uint8) == ord("\n"))
+    ends = newline + 1 if block.endswith(b"\n") else np.r_[newline + 1, len(block)]
+    offsets = np.r_[0, ends].astype(np.int32)
+    lines = pa.BinaryArray.from_buffers(
+        pa.binary(), len(ends), [None, pa.py_buffer(offsets), pa.py_buffer(block)]
+    )
+    return lines, offsets[:-1]
+
+
+def _clean_block(
+    block: bytes, first_line: int, path: Path, at_end: bool, skip: bool, bad: list[int]
+) -> tuple[pa.Table, int]:
+    """The block's well-formed lines read as a table, and how many bad lines it had (their numbers appended
+    to `bad`); raises _BadLine at the first bad line unless `skip`. Only blocks that failed the fast read
+    come here: every line is checked on its own, so a bad line is found by its number."""
+    lines, starts = _split_lines(block)
+    blank = pc.match_substring_regex(lines, r"^\r?\n?$").to_numpy(zero_copy_only=False)
+    good = pc.match_substring_regex(lines, _LINE_RE).to_numpy(zero_copy_only=False) | blank
+    wrong = np.flatnonzero(~good)
+    for k in wrong:
+        if not skip:
+            last = at_end and k == len(starts) - 1 and not block.endswith(b"\n")
+            raise _bad_line_error(path, first_line + int(k), lines[int(k)].as_py(), last)
+        bad.append(first_line + int(k))
+    kept = lines.filter(pa.array(good & ~blank))
+    if len(kept) == 0:
+        return _read_block(b"0,0,0,pv,0\n").slice(0, 0), len(wrong)
+    data = b"".join(cast(list[bytes], kept.to_pylist())) if len(wrong) else block
+    if not data.endswith(b"\n"):
+        data += b"\n"
     try:
-        reader = pd.read_csv(path, header=None, names=names, chunksize=chunksize, dtype=str)
-        for chunk in reader:
-            num = {
-                c: pd.to_numeric(chunk[c], errors="coerce") for c in ("user", "item", "category", "timestamp")
-            }
-            ok = (
-                num["user"].notna()
-                & num["item"].notna()
-                & num["category"].notna()
-                & num["timestamp"].notna()
-                & chunk["behavior"].isin(TAOBAO_BEHAVIORS)
+        table = _read_block(data)
+    except pa.ArrowInvalid as exc:
+        # a line the pattern lets through but the reader does not (an integer beyond 64 bits): name the first
+        for k in np.flatnonzero(good & ~blank):
+            line = lines[int(k)].as_py()
+            try:
+                _read_block(line if line.endswith(b"\n") else line + b"\n")
+            except pa.ArrowInvalid:
+                if not skip:
+                    raise _bad_line_error(path, first_line + int(k), line, False) from exc
+                bad.append(first_line + int(k))
+                good[k] = False
+        kept = lines.filter(pa.array(good & ~blank))
+        table = _read_block(
+            b"".join(
+                line if line.endswith(b"\n") else line + b"\n" for line in cast(list[bytes], kept.to_pylist())
             )
+        )
+    return table, int((~good).sum())
+
+
+def _file_blocks(path: Path, block_bytes: int) -> Iterator[tuple[int, int, bytes, bool]]:
+    """(number of its first line, its number of lines, whole lines, whether it is the end of the file) per
+    block of about block_bytes; a last line without a newline comes as it is."""
+    line = 1
+    rest = b""
+    with path.open("rb") as f:
+        while True:
+            data = f.read(block_bytes)
+            if not data:
+                if rest:
+                    yield line, 1, rest, True
+                return
+            data = rest + data
+            cut = data.rfind(b"\n") + 1
+            if cut == 0:  # one line longer than a block: read on
+                rest = data
+                continue
+            block, rest = data[:cut], data[cut:]
+            n_lines = block.count(b"\n")
+            yield line, n_lines, block, False
+            line += n_lines
+
+
+def _int32_if_fits(values: np.ndarray) -> np.ndarray:
+    if len(values) and int(values.min()) >= -(2**31) and int(values.max()) < 2**31:
+        return values.astype(np.int32)
+    return values
+
+
+def read_taobao(
+    path: str | Path,
+    max_users: int | None = None,
+    window: tuple[int, int] | None = TAOBAO_WINDOW,
+    pageviews_only: bool = False,
+    skip_bad_lines: bool = False,
+    block_bytes: int = 64 << 20,
+    progress: bool = False,
+) -> TaobaoRows:
+    """The clean rows of a Taobao UserBehavior.csv, streamed block by block: the first `max_users` users by
+    id, rows inside `window`, page views only with `pageviews_only`.
+
+    A malformed line (a field count other than 5, a field that is not a 64-bit integer, a behavior other
+    than pv/buy/cart/fav; blank lines are ignored) raises a DatasetError with the file, its 1-based line
+    number and its text; with `skip_bad_lines` such lines are skipped and counted instead. A timestamp
+    outside the window is data: the row is dropped and counted as `outside_window`."""
+    path = _taobao_file(Path(path))
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in ("user", "item", "category", "ts", "behavior")}
+    # per block, each category of the dropped non-page-view rows and the smallest user id that had it: the
+    # categories of the users kept in the end still count for the dense category ids
+    others: list[tuple[np.ndarray, np.ndarray]] = []
+    keep: np.ndarray | None = None  # the smallest max_users user ids so far
+    last_cut: int | None = None
+    lines = outside = n_bad = 0
+    bad: list[int] = []
+    bar = tqdm(
+        unit=" rows", unit_scale=True, desc="reading", file=sys.stderr, disable=None if progress else True
+    )
+    try:
+        for first_line, n_lines, block, at_end in _file_blocks(path, block_bytes):
+            try:
+                table = _read_block(block)
+                behavior = _behavior_codes(table.column("behavior"))
+                clean = not (behavior == 255).any()
+            except pa.ArrowInvalid:
+                clean = False
+            if not clean:
+                table, n_block_bad = _clean_block(block, first_line, path, at_end, skip_bad_lines, bad)
+                n_bad += n_block_bad
+                del bad[_SHOWN_BAD_LINES:]
+                behavior = _behavior_codes(table.column("behavior"))
+            lines += n_lines
+            bar.update(n_lines)
+            cols = {name: table.column(name).to_numpy() for name in _INT_FIELDS}
+            del table
+            ok = np.ones(len(behavior), bool)
             if window is not None:
-                ok &= (num["timestamp"] >= window[0]) & (num["timestamp"] < window[1])
-            part = pd.DataFrame({c: num[c][ok].to_numpy(np.int64) for c in ("user", "item", "category")})
-            part["behavior"] = pd.Categorical(chunk["behavior"][ok].to_numpy(), categories=TAOBAO_BEHAVIORS)
-            part["timestamp"] = num["timestamp"][ok].to_numpy(np.int64)
+                ok = (cols["timestamp"] >= window[0]) & (cols["timestamp"] < window[1])
+                outside += int(len(ok) - ok.sum())
+            user = cols["user"][ok]
             if max_users is not None:
-                # the smallest max_users ids seen so far; rows above the running cut can never return
-                seen = np.unique(part["user"].to_numpy())
-                keep = seen[:max_users] if keep is None else np.union1d(keep, seen)[:max_users]
+                # the smallest max_users ids so far; rows above the running cut can never come back
+                seen = sorted_distinct(user if keep is None else np.concatenate([keep, user]))
+                keep = seen[:max_users]
                 if len(keep) == max_users:
-                    cut = keep[-1]
-                    part = part[part["user"] <= cut]
-                    parts = [p[p["user"] <= cut] for p in parts]
-            parts.append(part)
-    except (ValueError, pd.errors.ParserError) as exc:
-        raise DatasetError(f"{path}: cannot parse ({exc})") from exc
-    if not parts:
+                    cut = int(keep[-1])
+                    ok &= cols["user"] <= cut
+                    if cut != last_cut:
+                        masks = [u <= cut for u in parts["user"]]
+                        for name, stored in parts.items():
+                            parts[name] = [a[m] for a, m in zip(stored, masks, strict=True)]
+                        last_cut = cut
+            if pageviews_only:
+                other = ok & (behavior != _PV)
+                if other.any():
+                    other_user, other_cat = cols["user"][other], cols["category"][other]
+                    by_cat = np.lexsort((other_user, other_cat))
+                    other_user, other_cat = other_user[by_cat], other_cat[by_cat]
+                    first = np.r_[True, other_cat[1:] != other_cat[:-1]]
+                    others.append((other_cat[first], other_user[first]))
+                ok &= behavior == _PV
+            parts["user"].append(_int32_if_fits(cols["user"][ok]))
+            parts["item"].append(_int32_if_fits(cols["item"][ok]))
+            parts["category"].append(_int32_if_fits(cols["category"][ok]))
+            parts["ts"].append(_int32_if_fits(cols["timestamp"][ok]))
+            parts["behavior"].append(behavior[ok])
+            del cols, behavior, ok
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read ({exc})") from exc
+    finally:
+        bar.close()
+    if lines == 0:
         raise DatasetError(f"{path}: no rows")
-    rows = pd.concat(parts, ignore_index=True)
-    if keep is not None:
-        rows = rows[rows["user"].isin(keep)]
-    return rows
+    arrays = {name: _concat(parts.pop(name)) for name in list(parts)}
+    other_cat = np.concatenate([c for c, _ in others]) if others else np.zeros(0, np.int64)
+    if last_cut is not None and others:
+        other_cat = other_cat[np.concatenate([u for _, u in others]) <= last_cut]
+    other_categories = sorted_distinct(other_cat)
+    return TaobaoRows(
+        user=arrays["user"],
+        item=arrays["item"],
+        category=arrays["category"],
+        ts=arrays["ts"],
+        behavior=arrays["behavior"].astype(np.uint8),
+        other_categories=other_categories.astype(np.int64),
+        lines=lines,
+        outside_window=outside,
+        bad_lines=n_bad,
+        first_bad_lines=bad,
+    )
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    out = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    parts.clear()
+    return out
+
+
+def _dense(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted distinct values, int32 code of each value): a lookup table over the value range when it is
+    moderate (raw Taobao ids run to a few million), a sort otherwise (not np.unique: see sorted_distinct)."""
+    if len(values) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int32)
+    lo, hi = int(values.min()), int(values.max())
+    if hi - lo < max(4 * len(values), 1 << 24):
+        offset = values - lo
+        present = np.zeros(hi - lo + 1, bool)
+        present[offset] = True
+        table = np.cumsum(present, dtype=np.int32) - 1
+        return np.flatnonzero(present) + lo, table[offset]
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    new = np.r_[True, ordered[1:] != ordered[:-1]]
+    codes = np.empty(len(values), np.int32)
+    codes[order] = np.cumsum(new) - 1
+    return ordered[new].astype(np.int64), codes
+
+
+def _sort_key_bits(n_users: int, ts_span: int, n_items: int) -> tuple[int, int, int] | None:
+    """Bits of (user code, timestamp offset, item code) in one int64 sort key; None when they do not fit."""
+    bits = ((n_users - 1).bit_length(), ts_span.bit_length(), (n_items - 1).bit_length())
+    return bits if sum(bits) <= 63 else None
+
+
+def _order(
+    user: np.ndarray, ts: np.ndarray, item: np.ndarray, ts_min: int, bits: tuple[int, int, int] | None
+) -> np.ndarray:
+    """Stable order by (user, ts, item): one int64 key when the three fit in 63 bits (fast on files grouped
+    by user), lexsort otherwise."""
+    if bits is None:
+        return np.lexsort((item, ts, user))
+    key = user.astype(np.int64) << (bits[1] + bits[2])
+    key |= (ts.astype(np.int64) - ts_min) << bits[2]
+    key |= item
+    return np.argsort(key, kind="stable")
+
+
+def _order_in_runs(
+    user: np.ndarray,
+    ts: np.ndarray,
+    item: np.ndarray,
+    runs: list[tuple[int, int]],
+    ts_min: int,
+    bits: tuple[int, int, int] | None,
+    slice_rows: int = 1 << 22,
+) -> np.ndarray:
+    """The stable order by (user, ts, item) of rows made of runs that are each sorted by user, a slice of
+    users at a time, so that sorting 10^8 impressions needs no full-size key."""
+    n = len(user)
+    order = np.empty(n, np.int32 if n < 2**31 else np.int64)
+    if n == 0:
+        return order
+    cum = np.cumsum(np.bincount(user))
+    cuts = np.unique(np.r_[0, np.searchsorted(cum, np.arange(slice_rows, n, slice_rows)) + 1, len(cum)])
+    done = 0
+    for u0, u1 in zip(cuts[:-1], cuts[1:], strict=True):
+        # bounds in the user column's own dtype: a mixed-dtype searchsorted would copy the column each time
+        lo, hi = user.dtype.type(u0), user.dtype.type(u1)
+        idx = np.concatenate(
+            [
+                np.arange(s + np.searchsorted(user[s:e], lo), s + np.searchsorted(user[s:e], hi))
+                for s, e in runs
+            ]
+        )
+        order[done : done + len(idx)] = idx[_order(user[idx], ts[idx], item[idx], ts_min, bits)]
+        done += len(idx)
+    return order
+
+
+def _user_names(users: np.ndarray) -> pa.Array[Any]:
+    """'u<id>' per user id (one per user, not per row)."""
+    return pa.array(np.char.add("u", users.astype(np.str_)), pa.string())
+
+
+def _string_order(user: np.ndarray, names: pa.Array[Any]) -> np.ndarray:
+    """Row order that puts rows grouped by user code (ascending) into the order of the users' names as
+    strings, each user's rows keeping their order: the canonical order compares user ids as strings."""
+    n = len(user)
+    counts = np.bincount(user, minlength=len(names))
+    starts = np.cumsum(counts) - counts
+    by_name = pc.sort_indices(names).to_numpy()
+    new_counts = counts[by_name]
+    dtype = np.int32 if n < 2**31 else np.int64
+    order = np.repeat((starts[by_name] - (np.cumsum(new_counts) - new_counts)).astype(dtype), new_counts)
+    order += np.arange(n, dtype=dtype)
+    return order
+
+
+def _behavior_column(codes: np.ndarray) -> pa.Array[Any]:
+    return pa.DictionaryArray.from_arrays(codes.astype(np.int8), pa.array(TAOBAO_BEHAVIORS, pa.string()))
+
+
+class _FrameSink:
+    """Collects the tables as pandas frames (convert_taobao's return value)."""
+
+    def __init__(self) -> None:
+        self.events = pd.DataFrame()
+        self.impressions = pd.DataFrame()
+
+    def write_events(
+        self, user_ids: pa.Array[Any], columns: dict[str, Any], order: np.ndarray | None
+    ) -> None:
+        self.events = _frame(user_ids, columns, order)
+
+    def write_impressions(
+        self, user_ids: pa.Array[Any], columns: dict[str, Any], order: np.ndarray | None
+    ) -> None:
+        frame = _frame(user_ids, columns, order)
+        frame.insert(
+            list(frame.columns).index("label") + 1, "impression_id", np.arange(len(frame), dtype=np.int64)
+        )
+        self.impressions = frame
+
+
+def _frame(user_ids: pa.Array[Any], columns: dict[str, Any], order: np.ndarray | None) -> pd.DataFrame:
+    rows = slice(None) if order is None else order
+    names = np.asarray(user_ids.to_pylist(), dtype=object)
+    data: dict[str, Any] = {}
+    for col, values in columns.items():
+        if col == "user_id":
+            data[col] = pd.Series(names[values[rows]], dtype="str")
+        elif isinstance(values, pa.DictionaryArray):
+            taken = values if order is None else values.take(pa.array(order))
+            data[col] = pd.Categorical.from_codes(
+                taken.indices.to_numpy(), categories=pd.Index(values.dictionary.to_pylist())
+            )
+        elif col in ("item_id", "category_id", "timestamp"):
+            data[col] = values[rows].astype(np.int64)
+        else:
+            data[col] = values[rows]
+    return pd.DataFrame(data)
+
+
+def _taobao_tables(
+    rows: TaobaoRows,
+    sink: _Sink,
+    protocol: TaobaoProtocol,
+    min_history: int,
+    rng: np.random.Generator,
+    path: Path,
+) -> None:
+    """Builds the protocol's events and impressions from the reader's rows and hands them to `sink`, events
+    first (so that a writer can let them go before the impressions are built)."""
+    if len(rows.user) == 0:
+        if protocol == "dare" and rows.bad_lines + rows.outside_window < rows.lines:
+            raise DatasetError(f"{path}: no page views")
+        raise DatasetError(f"{path}: no rows left after dropping bad timestamps and behaviors")
+    users, user_code = _dense(rows.user)
+    items, item_code = _dense(rows.item)
+    ts_min = int(rows.ts.min())
+    bits = _sort_key_bits(len(users), int(rows.ts.max()) - ts_min, len(items))
+    order = _order(user_code, rows.ts, item_code, ts_min, bits)
+    # sorted by (user id as a number, time, item, file order); every step below works in this order, as
+    # the pandas implementation did, and the writer puts users in string order at the end
+    user_code, item_code, ts = user_code[order], item_code[order], rows.ts[order]
+    behavior, raw_category = rows.behavior[order], rows.category[order]
+    del order
+    rows.user = rows.item = rows.ts = rows.behavior = rows.category = np.zeros(0, np.int32)
+    # raw category ids reach millions; dense ids (raw order, from 1) keep category tables small
+    cat_keys = sorted_distinct(np.concatenate([_dense(raw_category)[0], rows.other_categories]))
+    category = (np.searchsorted(cat_keys, raw_category) + 1).astype(np.int32)
+    del raw_category
+    names = _user_names(users)
+    items = _int32_if_fits(items)
+    n = len(user_code)
+    if protocol == "dare":
+        _dare_tables(user_code, item_code, category, ts, items, names, sink, rng, ts_min, bits)
+        return
+
+    # each item's category, first seen
+    first_at = np.full(len(items), n, np.int64)
+    np.minimum.at(first_at, item_code, np.arange(n))
+    item_category = category[first_at]
+    del first_at
+    sink.write_events(
+        names,
+        {
+            "user_id": user_code,
+            "item_id": items[item_code],
+            "category_id": category,
+            "timestamp": ts,
+            "behavior": _behavior_column(behavior),
+        },
+        _string_order(user_code, names),
+    )
+    del category
+    # page views after each user's first min_history ones
+    is_pv = behavior == _PV
+    del behavior
+    pv_before = np.cumsum(is_pv, dtype=np.int64 if n >= 2**31 else np.int32) - is_pv
+    counts = np.bincount(user_code, minlength=len(users))
+    user_start = np.cumsum(counts) - counts
+    pv_rank = pv_before - pv_before[user_start][user_code]
+    positives = np.flatnonzero(is_pv & (pv_rank >= min_history))
+    del is_pv, pv_before, pv_rank
+    pos_user = user_code[positives]
+    neg_code, ok = _sample_negatives(user_code, item_code, pos_user, rng)
+    pos_item, pos_ts = item_code[positives], ts[positives]
+    del positives, user_code, item_code, ts
+    n_pos, n_neg = len(pos_user), int(ok.sum())
+    im_user = np.concatenate([pos_user, pos_user[ok]])
+    im_item = np.concatenate([pos_item, neg_code[ok]])
+    im_ts = np.concatenate([pos_ts, pos_ts[ok]])
+    del pos_user, pos_item, pos_ts, neg_code, ok
+    label = np.r_[np.ones(n_pos, np.int8), np.zeros(n_neg, np.int8)]
+    order = _order_in_runs(im_user, im_ts, im_item, [(0, n_pos), (n_pos, n_pos + n_neg)], ts_min, bits)
+    order = order[_string_order(im_user[order], names)]
+    sink.write_impressions(
+        names,
+        {
+            "user_id": im_user,
+            "item_id": items[im_item],
+            "category_id": item_category[im_item],
+            "timestamp": im_ts,
+            "label": label,
+        },
+        order,
+    )
+
+
+def _dare_tables(
+    user_code: np.ndarray,
+    item_code: np.ndarray,
+    category: np.ndarray,
+    ts: np.ndarray,
+    items: np.ndarray,
+    names: pa.Array[Any],
+    sink: _Sink,
+    rng: np.random.Generator,
+    ts_min: int,
+    bits: tuple[int, int, int] | None,
+) -> None:
+    """The DARE paper's protocol on page views sorted by (user, time, item).
+
+    Users with at least DARE_MIN_PAGEVIEWS page views take part; their page views are the events. Each one
+    gets a positive at every offset of DARE_TARGET_OFFSETS from the end of their page views, and per positive
+    DARE_NEGATIVES items drawn with replacement by page-view frequency (every user's) among items the user
+    never viewed, at the positive's timestamp. `target_offset` records each impression's offset."""
+    n = len(user_code)
+    count = np.bincount(user_code, minlength=len(names))
+    end = np.cumsum(count)
+    kept = np.flatnonzero(count >= DARE_MIN_PAGEVIEWS)
+    if len(kept) == 0:
+        raise DatasetError(f"no user has {DARE_MIN_PAGEVIEWS} or more page views")
+    # an item seen under several categories takes its latest one, as in the reference
+    last_at = np.full(len(items), -1, np.int64)
+    np.maximum.at(last_at, item_code, np.arange(n))
+    item_category = category[last_at]
+    del last_at
+    in_kept = np.flatnonzero(count[user_code] >= DARE_MIN_PAGEVIEWS)
+    sink.write_events(
+        names,
+        {
+            "user_id": user_code[in_kept],
+            "item_id": items[item_code[in_kept]],
+            "category_id": category[in_kept],
+            "timestamp": ts[in_kept],
+            "behavior": _behavior_column(np.full(len(in_kept), _PV, np.int8)),
+        },
+        _string_order(user_code[in_kept], names),
+    )
+    del in_kept
+    offsets = np.asarray(DARE_TARGET_OFFSETS, np.int64)
+    target_at = (end[kept][:, None] - offsets[None, :]).ravel()
+    target_offset = np.tile(offsets, len(kept))
+    pos_user = user_code[target_at]
+    neg_target = np.repeat(target_at, DARE_NEGATIVES)
+    neg_code, ok = _sample_negatives(user_code, item_code, user_code[neg_target], rng)
+    neg_target, neg_code = neg_target[ok], neg_code[ok]
+    n_pos, n_neg = len(target_at), len(neg_target)
+    im_user = np.concatenate([pos_user, user_code[neg_target]])
+    im_item = np.concatenate([item_code[target_at], neg_code])
+    im_ts = np.concatenate([ts[target_at], ts[neg_target]])
+    order = _order_in_runs(im_user, im_ts, im_item, [(0, n_pos), (n_pos, n_pos + n_neg)], ts_min, bits)
+    order = order[_string_order(im_user[order], names)]
+    sink.write_impressions(
+        names,
+        {
+            "user_id": im_user,
+            "item_id": items[im_item],
+            # the positive keeps the category of its own page view
+            "category_id": np.concatenate([category[target_at], item_category[neg_code]]),
+            "timestamp": im_ts,
+            "label": np.r_[np.ones(n_pos, np.int8), np.zeros(n_neg, np.int8)],
+            "target_offset": np.concatenate(
+                [target_offset, np.repeat(target_offset, DARE_NEGATIVES)[ok]]
+            ).astype(np.int16),
+        },
+        order,
+    )
 
 
 def convert_taobao(
@@ -285,137 +835,57 @@ def convert_taobao(
     min_history: int = 5,
     seed: int = 0,
     window: tuple[int, int] | None = TAOBAO_WINDOW,
-    chunksize: int = 2_000_000,
+    chunksize: int = 1_000_000,
     protocol: TaobaoProtocol = "pageviews",
+    skip_bad_lines: bool = False,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(events, impressions) of Taobao UserBehavior.csv under a sampling protocol.
+    """(events, impressions) of Taobao UserBehavior.csv under a sampling protocol, as pandas frames (for
+    small files; `convert_to_folder` writes large ones without them).
 
     `pageviews`: every behavior is an event; each user's page views after the first `min_history` are
     positives, each with one popularity-sampled negative the user never touched, at the same timestamp.
-    `dare`: the DARE paper's protocol, see `dare_impressions`."""
+    `dare`: the DARE paper's protocol, see `_dare_tables`. `chunksize` is the read block in rows (about
+    40 bytes each); the result does not depend on it. Bad lines: see `read_taobao`."""
+    sink = _FrameSink()
+    _convert_taobao_into(
+        sink, path, max_users, min_history, seed, window, 40 * chunksize, protocol, skip_bad_lines, False
+    )
+    return sink.events, sink.impressions
+
+
+def _convert_taobao_into(
+    sink: _Sink,
+    path: str | Path,
+    max_users: int | None,
+    min_history: int,
+    seed: int,
+    window: tuple[int, int] | None,
+    block_bytes: int,
+    protocol: TaobaoProtocol,
+    skip_bad_lines: bool,
+    progress: bool,
+) -> dict[str, Any]:
+    """Reads, builds and hands the tables to `sink`; returns what meta.json records of the read."""
     if protocol not in TAOBAO_PROTOCOLS:
         raise DatasetError(f"unknown Taobao protocol {protocol!r}; use 'pageviews' or 'dare'")
-    rows = _read_taobao(_taobao_file(Path(path)), max_users, window, chunksize)
-    if len(rows) == 0:
-        raise DatasetError(f"{path}: no rows left after dropping bad timestamps and behaviors")
-    user = rows["user"].to_numpy(np.int64)
-    item = rows["item"].to_numpy(np.int64)
-    ts = rows["timestamp"].to_numpy(np.int64)
-    behavior = rows["behavior"].cat.codes.to_numpy()
-    order = np.lexsort((item, ts, user))
-    user, item, ts, behavior = user[order], item[order], ts[order], behavior[order]
-    # raw category ids reach millions; dense ids (raw order, from 1) keep category tables small
-    raw_cat = rows["category"].to_numpy(np.int64)[order]
-    cat_keys, category = np.unique(raw_cat, return_inverse=True)
-    category = category.astype(np.int64) + 1
-    del rows, raw_cat
-    rng = np.random.default_rng(seed)
-    if protocol == "dare":
-        is_pv = behavior == TAOBAO_BEHAVIORS.index("pv")
-        if not is_pv.any():
-            raise DatasetError(f"{path}: no page views")
-        return dare_impressions(user[is_pv], item[is_pv], category[is_pv], ts[is_pv], rng)
-
-    items, item_code = np.unique(item, return_inverse=True)
-    users, user_code = np.unique(user, return_inverse=True)
-    # each item's category, first seen
-    _, first_at = np.unique(item_code, return_index=True)
-    item_category = category[first_at]
-
-    is_pv = behavior == TAOBAO_BEHAVIORS.index("pv")
-    pv_at = np.flatnonzero(is_pv)
-    pv_user = user_code[pv_at]
-    pv_count = np.bincount(pv_user, minlength=len(users))
-    pv_rank = np.arange(len(pv_at)) - (np.cumsum(pv_count) - pv_count)[pv_user]
-    positives = pv_at[pv_rank >= min_history]
-
-    neg_code, ok = _sample_negatives(user_code, item_code, user_code[positives], rng)
-    pos_user = user_code[positives]
-    im_user = np.concatenate([pos_user, pos_user[ok]])
-    im_item_code = np.concatenate([item_code[positives], neg_code[ok]])
-    im_ts = np.concatenate([ts[positives], ts[positives][ok]])
-    im_label = np.concatenate([np.ones(len(positives), np.int8), np.zeros(int(ok.sum()), np.int8)])
-
-    user_names = _user_strings(users).to_numpy(dtype=object)
-    events = pd.DataFrame(
-        {
-            "user_id": pd.Series(user_names[user_code], dtype="str"),
-            "item_id": item,
-            "category_id": category,
-            "timestamp": ts,
-            "behavior": pd.Categorical.from_codes(behavior, categories=pd.Index(TAOBAO_BEHAVIORS)),
-        }
+    rows = read_taobao(
+        path,
+        max_users=max_users,
+        window=window,
+        pageviews_only=protocol == "dare",
+        skip_bad_lines=skip_bad_lines,
+        block_bytes=block_bytes,
+        progress=progress,
     )
-    impressions = pd.DataFrame(
-        {
-            "user_id": pd.Series(user_names[im_user], dtype="str"),
-            "item_id": items[im_item_code],
-            "category_id": item_category[im_item_code],
-            "timestamp": im_ts,
-            "label": im_label,
-            "impression_id": np.arange(len(im_user), dtype=np.int64),
-        }
-    )
-    return _string_sorted(events), _string_sorted(impressions, renumber=True)
-
-
-def dare_impressions(
-    user: np.ndarray, item: np.ndarray, category: np.ndarray, ts: np.ndarray, rng: np.random.Generator
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(events, impressions) of the DARE paper's protocol from page views sorted by (user, time, item).
-
-    Users with at least DARE_MIN_PAGEVIEWS page views take part; their page views are the events. Each one
-    gets a positive at every offset of DARE_TARGET_OFFSETS from the end of their page views, and per positive
-    DARE_NEGATIVES items drawn with replacement by page-view frequency (every user's) among items the user
-    never viewed, at the positive's timestamp. `target_offset` records each impression's offset."""
-    items, item_code = np.unique(item, return_inverse=True)
-    users, user_code = np.unique(user, return_inverse=True)
-    count = np.bincount(user_code, minlength=len(users))
-    end = np.cumsum(count)
-    kept = np.flatnonzero(count >= DARE_MIN_PAGEVIEWS)
-    if len(kept) == 0:
-        raise DatasetError(f"no user has {DARE_MIN_PAGEVIEWS} or more page views")
-    # an item seen under several categories takes its latest one, as in the reference
-    last_at = len(item_code) - 1 - np.unique(item_code[::-1], return_index=True)[1]
-    item_category = category[last_at]
-
-    offsets = np.asarray(DARE_TARGET_OFFSETS, np.int64)
-    target_at = (end[kept][:, None] - offsets[None, :]).ravel()
-    target_offset = np.tile(offsets, len(kept))
-    pos_user = user_code[target_at]
-    neg_target = np.repeat(target_at, DARE_NEGATIVES)
-    neg_code, ok = _sample_negatives(user_code, item_code, user_code[neg_target], rng)
-    neg_target, neg_code = neg_target[ok], neg_code[ok]
-
-    user_names = _user_strings(users).to_numpy(dtype=object)
-    in_kept = count[user_code] >= DARE_MIN_PAGEVIEWS
-    events = pd.DataFrame(
-        {
-            "user_id": pd.Series(user_names[user_code[in_kept]], dtype="str"),
-            "item_id": item[in_kept],
-            "category_id": category[in_kept],
-            "timestamp": ts[in_kept],
-            "behavior": pd.Categorical.from_codes(
-                np.full(int(in_kept.sum()), TAOBAO_BEHAVIORS.index("pv"), np.int8),
-                categories=pd.Index(TAOBAO_BEHAVIORS),
-            ),
-        }
-    )
-    impressions = pd.DataFrame(
-        {
-            "user_id": pd.Series(user_names[np.concatenate([pos_user, user_code[neg_target]])], dtype="str"),
-            "item_id": np.concatenate([item[target_at], items[neg_code]]),
-            # the positive keeps the category of its own page view
-            "category_id": np.concatenate([category[target_at], item_category[neg_code]]),
-            "timestamp": np.concatenate([ts[target_at], ts[neg_target]]),
-            "label": np.concatenate([np.ones(len(target_at), np.int8), np.zeros(len(neg_target), np.int8)]),
-            "impression_id": np.arange(len(target_at) + len(neg_target), dtype=np.int64),
-            "target_offset": np.concatenate(
-                [target_offset, np.repeat(target_offset, DARE_NEGATIVES)[ok]]
-            ).astype(np.int16),
-        }
-    )
-    return _string_sorted(events), _string_sorted(impressions, renumber=True)
+    read = {
+        "lines": rows.lines,
+        "outside_window": rows.outside_window,
+        "bad_lines": rows.bad_lines,
+        "first_bad_lines": rows.first_bad_lines,
+        "skip_bad_lines": skip_bad_lines,
+    }
+    _taobao_tables(rows, sink, protocol, min_history, np.random.default_rng(seed), Path(path))
+    return read
 
 
 def _sample_negatives(
@@ -424,23 +894,40 @@ def _sample_negatives(
     for_user: np.ndarray,
     rng: np.random.Generator,
     rounds: int = 64,
+    slice_size: int = 1 << 22,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per query user, an item code drawn by popularity among items that user never touched; `ok` is False
-    where none was found (a user who touched nearly everything)."""
+    where none was found (a user who touched nearly everything).
+
+    Each rejection round draws for all pending queries in order, a slice at a time: the random stream is
+    the same as one draw per round, and the temporaries stay small."""
     n_items = int(item_code.max()) + 1
-    touched = np.unique(user_code * n_items + item_code)
-    cdf = np.cumsum(np.bincount(item_code, minlength=n_items)).astype(np.float64)
-    neg = np.zeros(len(for_user), np.int64)
+    touched = user_code.astype(np.int64) * n_items
+    np.add(touched, item_code, out=touched)
+    touched.sort()
+    touched = touched[np.r_[True, touched[1:] != touched[:-1]]]
+    counts = np.bincount(item_code, minlength=n_items)
+    total = float(counts.sum())
+    # every unit of popularity mass, in item order: the item at floor(u * total) is the one that
+    # searchsorted(cumsum(counts), u * total, side="right") finds (the counts are integers), in one lookup
+    # instead of a binary search
+    mass = np.repeat(np.arange(n_items, dtype=np.int32 if n_items < 2**31 else np.int64), counts)
+    del counts
+    neg = np.zeros(len(for_user), np.int32 if n_items < 2**31 else np.int64)
     todo = np.arange(len(for_user))
-    for _ in range(rounds):  # rejection rounds over all pending draws at once
+    for _ in range(rounds):
         if len(todo) == 0:
             break
-        neg[todo] = np.minimum(
-            np.searchsorted(cdf, rng.random(len(todo)) * cdf[-1], side="right"), n_items - 1
-        )
-        key = for_user[todo] * n_items + neg[todo]
-        pos = np.minimum(np.searchsorted(touched, key), len(touched) - 1)
-        todo = todo[touched[pos] == key]
+        rejected = []
+        for start in range(0, len(todo), slice_size):
+            part = todo[start : start + slice_size]
+            draw = mass[np.minimum((rng.random(len(part)) * total).astype(np.int64), len(mass) - 1)]
+            neg[part] = draw
+            key = for_user[part].astype(np.int64) * n_items
+            np.add(key, draw, out=key)
+            pos = np.minimum(np.searchsorted(touched, key), len(touched) - 1)
+            rejected.append(part[touched[pos] == key])
+        todo = np.concatenate(rejected)
     ok = np.ones(len(for_user), bool)
     ok[todo] = False
     return neg, ok
@@ -474,12 +961,17 @@ def convert_to_folder(
     max_users: int | None = None,
     seed: int = 0,
     protocol: str | None = None,
+    skip_bad_lines: bool = False,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Converts a public dataset and writes the canonical folder; returns its meta. `protocol` is Taobao's
-    sampling protocol (default 'pageviews')."""
+    sampling protocol (default 'pageviews'); `skip_bad_lines` skips and counts malformed Taobao lines
+    instead of failing on the first; `progress` shows the rows read on stderr."""
     meta: dict[str, Any]
     if protocol is not None and fmt != "taobao":
         raise DatasetError(f"a protocol applies to the taobao format only, not to {fmt!r}")
+    if skip_bad_lines and fmt != "taobao":
+        raise DatasetError(f"skipping bad lines applies to the taobao format only, not to {fmt!r}")
     if fmt == "movielens":
         events, impressions = convert_movielens(path, max_users=max_users)
         meta = {
@@ -493,12 +985,21 @@ def convert_to_folder(
         chosen = protocols.get(protocol)
         if chosen is None:
             raise DatasetError(f"unknown Taobao protocol {protocol!r}; use 'pageviews' or 'dare'")
-        events, impressions = convert_taobao(path, max_users=max_users, seed=seed, protocol=chosen)
         meta = {
             "source": "taobao",
             "protocol": taobao_protocol_meta(chosen),
             "label_rule": TAOBAO_LABEL_RULES[chosen],
+            "path": str(Path(path).resolve()),
+            "seed": seed,
+            "config": {"max_users": max_users},
         }
+        # the tables go to parquet in row batches, never through pandas: memory follows the numeric columns
+        with DatasetWriter(out_dir) as writer:
+            meta["read"] = _convert_taobao_into(
+                writer, path, max_users, 5, seed, TAOBAO_WINDOW, 64 << 20, chosen, skip_bad_lines, progress
+            )
+            meta["counts"] = {"bad_lines": meta["read"]["bad_lines"]}
+            return writer.commit(meta)
     else:
         raise DatasetError(f"unknown format {fmt!r}; use 'movielens' or 'taobao'")
     meta.update({"path": str(Path(path).resolve()), "seed": seed, "config": {"max_users": max_users}})

@@ -348,6 +348,11 @@ def data_convert(
         help="taobao only: pageviews (the default: every page view after the first 5, one negative each) | "
         "dare (the DARE paper's: users with >= 210 page views, 23 targets with 2 negatives each)",
     ),
+    skip_bad_lines: bool = typer.Option(
+        False,
+        "--skip-bad-lines",
+        help="taobao only: skip malformed lines and count them (meta.json, the JSON line) instead of failing",
+    ),
 ) -> None:
     """Convert a public dataset into the canonical form; prints one JSON line."""
     import time
@@ -358,6 +363,8 @@ def data_convert(
         raise _fail(f"--format must be movielens or taobao, not {fmt!r}")
     if protocol is not None and fmt != "taobao":
         raise _fail(f"--protocol applies to --format taobao only, not to {fmt!r}")
+    if skip_bad_lines and fmt != "taobao":
+        raise _fail(f"--skip-bad-lines applies to --format taobao only, not to {fmt!r}")
     if protocol is not None and protocol not in TAOBAO_PROTOCOLS:
         raise _fail(f"--protocol must be {' or '.join(TAOBAO_PROTOCOLS)}, not {protocol!r}")
     if not path.exists():
@@ -365,9 +372,22 @@ def data_convert(
     t0 = time.time()
     typer.echo(f"converting {fmt} from {path} into {out}", err=True)
     try:
-        meta = convert_to_folder(fmt, path, out, max_users=max_users, seed=seed, protocol=protocol)
+        meta = convert_to_folder(
+            fmt,
+            path,
+            out,
+            max_users=max_users,
+            seed=seed,
+            protocol=protocol,
+            skip_bad_lines=skip_bad_lines,
+            progress=True,
+        )
     except (ValueError, OSError) as e:
         raise _fail(str(e)) from None
+    read = meta.get("read", {})
+    if read.get("bad_lines"):
+        first = ", ".join(str(n) for n in read["first_bad_lines"])
+        typer.echo(f"skipped {read['bad_lines']} bad line(s), the first at line(s) {first}", err=True)
     typer.echo(_data_summary(meta, out, t0))
 
 

@@ -148,8 +148,8 @@ def _taobao(path: Path) -> Path:
         (2, 103, 11, "pv", T0 + 30),
         (2, 100, 10, "pv", T0 + 40),
         (2, 104, 12, "pv", T0 - 100),  # before the collection window: dropped
-        (2, 105, 12, "pv", "oops"),  # not a timestamp: dropped
-        (2, 106, 12, "like", T0 + 50),  # unknown behavior: dropped
+        (2, 105, 12, "pv", "oops"),  # not a timestamp: a bad line, skipped
+        (2, 106, 12, "like", T0 + 50),  # unknown behavior: a bad line, skipped
         (5, 200, 20, "pv", T0 + 1),
         (5, 201, 20, "buy", T0 + 2),
         (5, 202, 21, "pv", T0 + 3),
@@ -162,7 +162,7 @@ def _taobao(path: Path) -> Path:
 
 def test_taobao(tmp_path: Path) -> None:
     src = _taobao(tmp_path / "UserBehavior.csv")
-    events, impressions = convert_taobao(tmp_path, min_history=1, seed=3, chunksize=4)
+    events, impressions = convert_taobao(tmp_path, min_history=1, seed=3, chunksize=4, skip_bad_lines=True)
     assert len(events) == 11
     assert events["user_id"].tolist()[:5] == ["u2"] * 5
     assert events["timestamp"].tolist()[:5] == [T0 + 10, T0 + 20, T0 + 25, T0 + 30, T0 + 40]
@@ -183,14 +183,14 @@ def test_taobao(tmp_path: Path) -> None:
     touched = set(zip(events["user_id"], events["item_id"], strict=True))
     assert not any((u, i) in touched for u, i in zip(neg["user_id"], neg["item_id"], strict=True))
     assert sorted(neg["timestamp"]) == sorted(pos["timestamp"])
-    again = convert_taobao(src, min_history=1, seed=3)[1]
+    again = convert_taobao(src, min_history=1, seed=3, skip_bad_lines=True)[1]
     assert again.equals(impressions)  # seeded, and chunk size does not matter
     assert impressions["impression_id"].tolist() == list(range(len(impressions)))
 
 
 def test_taobao_max_users_takes_smallest_ids(tmp_path: Path) -> None:
     events, impressions = convert_taobao(
-        _taobao(tmp_path / "ub.csv"), max_users=2, min_history=1, chunksize=3
+        _taobao(tmp_path / "ub.csv"), max_users=2, min_history=1, chunksize=3, skip_bad_lines=True
     )
     assert sorted(set(events["user_id"])) == ["u2", "u5"]
     assert set(impressions["user_id"]) == {"u2", "u5"}
