@@ -6,6 +6,8 @@
 Sections (each measured in a fresh process where peak memory matters):
 - convert: `data convert --format taobao` on a `data taobao-synth` file: rows/s and peak RSS.
 - train: training impressions/s on the CPU with 1 and 2 processes (and on a GPU when present).
+- ingest: `dare-serve ingest` of the converted events into a fresh redis-server: events/s and Redis
+  memory per event.
 - bundle: a ranker bundle with a catalogue of the given size (random weights): export time, bundle
   size, load time (checksums included), service start-up time and RSS with two variants, one
   request's p50 through HTTP.
@@ -256,19 +258,39 @@ def _run_measured(argv: list[str]) -> tuple[float, float, str]:
     return seconds, usage.ru_maxrss / 1024, out
 
 
-def convert_section(args: argparse.Namespace, work: Path, rows: int) -> list[Row]:
-    """`data convert --format taobao` on a `data taobao-synth` file of about `rows` rows (full catalogue,
-    generated once per work folder), each protocol in a fresh process."""
-    import shutil
+def _cli() -> str:
     import sys
 
-    exe = str(Path(sys.executable).with_name("dare-serve"))
+    return str(Path(sys.executable).with_name("dare-serve"))
+
+
+def _taobao_csv(work: Path, rows: int) -> Path:
+    """A `data taobao-synth` file of about `rows` rows (full catalogue), made once per work folder."""
     src = work / "taobao"
     csv = src / "UserBehavior.csv"
     if not csv.is_file():
         users = max(1, round(rows / TAOBAO_ROWS_PER_USER))
-        _run_measured([exe, "data", "taobao-synth", "--out", str(src), "--users", str(users)])
-    lines = json.loads((src / "meta.json").read_text())["rows"]
+        _run_measured([_cli(), "data", "taobao-synth", "--out", str(src), "--users", str(users)])
+    return csv
+
+
+def _pageviews_folder(work: Path, rows: int) -> Path:
+    """The file converted with the page-view protocol, made once per work folder."""
+    data = work / "train-pageviews"
+    if not (data / "meta.json").is_file():
+        csv = str(_taobao_csv(work, rows))
+        _run_measured([_cli(), "data", "convert", "--format", "taobao", "--path", csv, "--out", str(data)])
+    return data
+
+
+def convert_section(args: argparse.Namespace, work: Path, rows: int) -> list[Row]:
+    """`data convert --format taobao` on a `data taobao-synth` file of about `rows` rows (full catalogue,
+    generated once per work folder), each protocol in a fresh process."""
+    import shutil
+
+    exe = _cli()
+    csv = _taobao_csv(work, rows)
+    lines = json.loads((csv.parent / "meta.json").read_text())["rows"]
     results: list[Row] = []
     for protocol in ("pageviews", "dare"):
         out = work / f"converted-{protocol}"
@@ -294,8 +316,98 @@ def convert_section(args: argparse.Namespace, work: Path, rows: int) -> list[Row
     return results
 
 
+def train_section(args: argparse.Namespace, work: Path, rows: int) -> list[Row]:
+    """`dare-serve train` of `dare` on the file's page-view impressions: impressions/s of the training
+    steps (validation excluded) with 1 process and with 2 under torchrun (one thread each), and on a
+    GPU when torch sees one. One epoch over `--train-samples` impressions; test AUC beside it."""
+    import os
+    import shutil
+    import socket
+    import sys
+
+    import torch
+
+    data = _pageviews_folder(work, rows)
+    common = ["train", "--data", str(data), "--model", "dare", "--epochs", "1", "--no-progress"]
+    common += ["--max-train-samples", str(args.train_samples)]
+    runs: list[tuple[str, list[str], dict[str, str]]] = [
+        ("cpu, 1 process, 1 thread", [_cli()], {"DARE_TRAIN_THREADS": "1"}),
+        ("cpu, 1 process, 2 threads", [_cli()], {"DARE_TRAIN_THREADS": "2"}),
+    ]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    torchrun += ["--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "service.cli"]
+    runs.append(("cpu, 2 processes (torchrun), 1 thread each", torchrun, {"DARE_TRAIN_THREADS": "1"}))
+    if torch.cuda.is_available():
+        runs.append(("cuda, 1 process", [_cli()], {}))
+    results: list[Row] = []
+    for name, launcher, env in runs:
+        out = work / "train-bundles"
+        shutil.rmtree(out, ignore_errors=True)
+        device = ["--device", "cuda" if name.startswith("cuda") else "cpu"]
+        os.environ.update(env)
+        try:
+            seconds, peak, stdout = _run_measured([*launcher, *common, *device, "--out", str(out)])
+        finally:
+            for key in env:
+                os.environ.pop(key, None)
+        line = json.loads([x for x in stdout.splitlines() if x.startswith("{")][-1])
+        results.append(
+            {
+                "run": name,
+                "train_impressions": args.train_samples,
+                "item_rows": int(json.loads((Path(line["bundle"]) / "manifest.json").read_text())["n_items"]),
+                "impressions_per_s": round(line["impressions_per_s"]),
+                "test_auc": round(line["auc"], 4),
+                "train_seconds": line["train_seconds"],
+                "peak_rss_mib": round(peak),
+            }
+        )
+        shutil.rmtree(out, ignore_errors=True)
+    return results
+
+
+def ingest_section(args: argparse.Namespace, work: Path, rows: int) -> list[Row]:
+    """`dare-serve ingest` of the file's events (page-view protocol folder) into a fresh
+    redis-server on a loopback port: events/s and Redis memory per event, in a child process."""
+    import redis
+
+    from tests.redis_proc import RedisProcess
+
+    data = _pageviews_folder(work, rows)
+    events = int(json.loads((data / "meta.json").read_text())["counts"]["events"])
+    server = RedisProcess().start()
+    try:
+        client = redis.Redis.from_url(server.url)
+        before = int(client.info("memory")["used_memory"])
+        argv = [_cli(), "ingest", "--data", str(data), "--redis-url", server.url, "--no-progress"]
+        seconds, peak, _ = _run_measured(argv)
+        info = client.info("memory")
+        users = int(client.dbsize())
+        client.close()
+    finally:
+        server.stop()
+    used = int(info["used_memory"]) - before
+    return [
+        {
+            "events": events,
+            "keys": users,
+            "seconds": round(seconds, 1),
+            "events_per_s": round(events / seconds),
+            "redis_used_mib": round(used / 2**20),
+            "redis_bytes_per_event": round(used / events, 1),
+            "redis_rss_mib": round(int(info["used_memory_rss"]) / 2**20),
+            "ingest_peak_rss_mib": round(peak),
+        }
+    ]
+
+
 SECTIONS: dict[str, Callable[[argparse.Namespace, Path, int], list[Row]]] = {
     "convert": convert_section,
+    "train": train_section,
+    "ingest": ingest_section,
     "bundle": bundle_section,
 }
 
@@ -345,6 +457,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="write the rendered markdown tables here")
     ap.add_argument("--work", type=Path, default=ROOT / ".dare/scale")
     ap.add_argument("--fresh", action="store_true", help="measure again what the results file holds")
+    ap.add_argument("--train-samples", type=int, default=300_000, help="train: impressions of the one epoch")
     ap.add_argument(
         "--items", type=int, default=TAOBAO_ITEMS, help="bundle: catalogue size (default Taobao's)"
     )

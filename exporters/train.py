@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -28,15 +29,21 @@ from tqdm import tqdm
 
 from exporters.bundle import Bundle, item_rows, load_bundle
 from exporters.dataset import Dataset, read_dataset
+from exporters.distributed import World, average_gradients, close_world, gather_parts, init_world
 from exporters.export import export_fm, export_ranker
 from exporters.features import time_buckets
 from exporters.item_vectors import ItemVectors, category_table, learn_item_vectors, visible_events
 from exporters.metrics import auc, calibration_bins, calibration_ratio, gauc, logloss, normalized_entropy
-from exporters.models import FmConfig, FoundationModel, RankerConfig, TwoStageRanker
+from exporters.models import ByteDropout, FmConfig, FoundationModel, RankerConfig, TwoStageRanker
 from exporters.retrieval import MiTable, csr_take, mi_ndcg, planted_metrics
+from exporters.row_adam import RowAdam
 from exporters.samples import ItemVocab, Samples, build_samples, gather_histories, related_positions
 
 TRAIN, VALID, TEST = 0, 1, 2
+# From this many item rows the tables get sparse gradients and the row-wise Adam (TrainConfig.
+# sparse_tables): measured per step on 2 cores, dense fused Adam over a 40 k x 64 table took 5 ms and
+# the row-wise one 18 ms, at 4 M rows 400 ms against ~50 ms.
+SPARSE_TABLES_ROWS = 1 << 19
 
 
 @dataclass
@@ -87,6 +94,11 @@ class TrainConfig:
     # (models.RankerConfig); off by default until measured over seeds on every dataset
     recency_prior: float | None = None
     stage2_gain: bool = False
+    # where training runs: auto (CUDA when present), cpu, cuda
+    device: str = "auto"
+    # item tables with sparse row gradients and a row-wise (lazy) Adam: a step then costs the same at
+    # any catalogue size. None: on from SPARSE_TABLES_ROWS item rows, where the dense step dominates
+    sparse_tables: bool | None = None
 
 
 @dataclass
@@ -142,6 +154,24 @@ class Batch:
     fm: torch.Tensor | None = None
     fm_present: torch.Tensor | None = None
 
+    def to(self, device: torch.device) -> Batch:
+        if device.type == "cpu":
+            return self
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            # pinned host memory lets the copy overlap the previous step's kernels
+            return t.pin_memory().to(device, non_blocking=True)
+
+        return Batch(
+            move(self.target),
+            move(self.hist_rows),
+            move(self.hist_buckets),
+            move(self.hist_mask),
+            move(self.label),
+            None if self.fm is None else move(self.fm),
+            None if self.fm_present is None else move(self.fm_present),
+        )
+
 
 def history_arrays(
     s: Samples, idx: np.ndarray, max_len: int | None = None
@@ -170,6 +200,17 @@ def make_batch(
         batch.fm = torch.from_numpy(fm[idx])
         batch.fm_present = torch.from_numpy(fm_present[idx])
     return batch
+
+
+class Positions:
+    """Where each impression id sits in an array of distinct ids, looked up for a batch at once."""
+
+    def __init__(self, idx: np.ndarray) -> None:
+        self.order = np.argsort(idx, kind="stable")
+        self.sorted = idx[self.order]
+
+    def of(self, ids: np.ndarray) -> np.ndarray:
+        return self.order[np.searchsorted(self.sorted, ids)]
 
 
 def length_batches(
@@ -265,7 +306,7 @@ def stage1_topk(ranker: TwoStageRanker, s: Samples, idx: np.ndarray, batch_size:
     -1 where a history has fewer than K behaviors."""
     k = ranker.cfg.top_k
     out = np.full((len(idx), k), -1, dtype=np.int64)
-    where = {int(v): j for j, v in enumerate(idx)}
+    where = Positions(idx)
     ranker.eval()
     with torch.no_grad():
         for bidx in length_batches(s, idx, batch_size, None):
@@ -280,7 +321,7 @@ def stage1_topk(ranker: TwoStageRanker, s: Samples, idx: np.ndarray, batch_size:
             n_hist = s.hist_end[bidx] - s.hist_start[bidx]
             hist_index = top + (start - s.hist_start[bidx])[:, None]
             hist_index = np.where(top < (n_hist - (start - s.hist_start[bidx]))[:, None], hist_index, -1)
-            out[[where[int(v)] for v in bidx], : top.shape[1]] = hist_index
+            out[where.of(bidx), : top.shape[1]] = hist_index
     return out
 
 
@@ -401,19 +442,56 @@ def init_embeddings(model: torch.nn.Module, vectors: ItemVectors, vocab: ItemVoc
         fill(model.repr_item, model.repr_cat, cfg.attention_init_norm)
 
 
-def optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam with L2 on dense weights only: decaying the sparse embedding rows would shrink rarely
-    updated items towards zero and leave stage 1 ranking by the time bias alone."""
+def item_tables(model: torch.nn.Module) -> list[torch.nn.Embedding]:
+    """The embedding tables with a row per item (the ones that grow with the catalogue)."""
+    names = ("item",) if isinstance(model, FoundationModel) else ("repr_item", "attn_item")
+    tables: list[torch.nn.Embedding] = []
+    for name in names:
+        table = model.get_submodule(name)
+        assert isinstance(table, torch.nn.Embedding)
+        if all(table is not t for t in tables):  # coupled: one table under both names
+            tables.append(table)
+    return tables
+
+
+def use_sparse_tables(model: torch.nn.Module, cfg: TrainConfig) -> bool:
+    """Whether the item tables train with sparse row gradients (see TrainConfig.sparse_tables)."""
     if cfg.decay_embeddings:
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return False  # decay moves every row every step: nothing sparse about it
+    if cfg.sparse_tables is not None:
+        return cfg.sparse_tables
+    return max(t.num_embeddings for t in item_tables(model)) >= SPARSE_TABLES_ROWS
+
+
+def optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+    """Adam with L2 on dense weights only: decaying the embedding rows would shrink rarely updated
+    items towards zero and leave stage 1 ranking by the time bias alone. The fused kernel: one pass
+    over all tensors instead of a Python loop of small ops, a quarter of the step time.
+
+    With sparse tables (`use_sparse_tables`) the item tables get sparse row gradients and their own
+    row-wise Adam (`exporters.row_adam`).
+    """
+    fused = True if all(p.device.type in ("cpu", "cuda") for p in model.parameters()) else None
+    if cfg.decay_embeddings:
+        return [torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)]
+    rows = item_tables(model) if use_sparse_tables(model, cfg) else []
+    for table in rows:
+        table.sparse = True
+    row_ids = {id(t.weight) for t in rows}
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     params = list(model.parameters())
-    sparse = [p for p in params if id(p) in embedding_ids]
+    tables = [p for p in params if id(p) in embedding_ids and id(p) not in row_ids]
     dense = [p for p in params if id(p) not in embedding_ids]
-    return torch.optim.Adam(
-        [{"params": dense, "weight_decay": cfg.weight_decay}, {"params": sparse, "weight_decay": 0.0}],
-        lr=cfg.lr,
-    )
+    out: list[torch.optim.Optimizer] = [
+        torch.optim.Adam(
+            [{"params": dense, "weight_decay": cfg.weight_decay}, {"params": tables, "weight_decay": 0.0}],
+            lr=cfg.lr,
+            fused=fused,
+        )
+    ]
+    if rows:
+        out.append(RowAdam([t.weight for t in rows], lr=cfg.lr))
+    return out
 
 
 def batch_rows_l2(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
@@ -437,21 +515,22 @@ def cooccurrence_loss(
     the attention table keeps arranging items by what goes together instead of drifting under the
     weak click gradient; scored exactly as stage 1 scores (scaled inner product).
     """
-    lengths = batch.hist_mask.sum(1).numpy()
+    device = batch.hist_rows.device
+    lengths = batch.hist_mask.sum(1).cpu().numpy()
     keep = np.flatnonzero(lengths >= 2)
     if len(keep) < 2:
-        return torch.zeros(())
+        return torch.zeros((), device=device)
     n = len(keep)
     anchor = 1 + (rng.random((len(keep), anchors)) * (lengths[keep, None] - 1)).astype(np.int64)
     near = np.maximum(anchor - 1 - (rng.random((len(keep), anchors)) * window).astype(np.int64), 0)
-    rows = batch.hist_rows[torch.from_numpy(keep)]
-    a_rows = rows.gather(1, torch.from_numpy(anchor)).reshape(-1)
-    p_rows = rows.gather(1, torch.from_numpy(near)).reshape(-1)
+    rows = batch.hist_rows[torch.from_numpy(keep).to(device)]
+    a_rows = rows.gather(1, torch.from_numpy(anchor).to(device)).reshape(-1)
+    p_rows = rows.gather(1, torch.from_numpy(near).to(device)).reshape(-1)
     logits = (model.attention_vectors(a_rows) @ model.attention_vectors(p_rows).T) * model.scale
     # the same item elsewhere in the batch is not a negative
-    same = (p_rows[None, :] == p_rows[:, None]) & ~torch.eye(n * anchors, dtype=torch.bool)
+    same = (p_rows[None, :] == p_rows[:, None]) & ~torch.eye(n * anchors, dtype=torch.bool, device=device)
     logits = logits.masked_fill(same, float("-inf"))
-    return torch.nn.functional.cross_entropy(logits, torch.arange(n * anchors))
+    return torch.nn.functional.cross_entropy(logits, torch.arange(n * anchors, device=device))
 
 
 def _predict(
@@ -463,15 +542,33 @@ def _predict(
     fm_present: np.ndarray | None,
     logits: bool = False,
 ) -> np.ndarray:
-    """Probabilities (or, with `logits`, the logits) of impressions idx."""
+    """Probabilities (or, with `logits`, the logits) of impressions idx, on the model's device."""
     out = np.zeros(len(idx), dtype=np.float64)
-    where = {int(v): j for j, v in enumerate(idx)}
+    where = Positions(idx)
+    device = next(model.parameters()).device
     model.eval()
     with torch.no_grad():
         for bidx in length_batches(s, idx, batch_size, None):
-            logit = _forward(model, make_batch(s, bidx, fm, fm_present))
-            out[[where[int(v)] for v in bidx]] = logit.double().numpy()
+            logit = _forward(model, make_batch(s, bidx, fm, fm_present).to(device))
+            out[where.of(bidx)] = logit.double().cpu().numpy()
     return out if logits else expit(out)
+
+
+def predict_shared(
+    model: torch.nn.Module,
+    s: Samples,
+    idx: np.ndarray,
+    batch_size: int,
+    fm: np.ndarray | None,
+    fm_present: np.ndarray | None,
+    world: World,
+) -> np.ndarray:
+    """`_predict` with the impressions split across the training processes; every process gets all."""
+    parts = gather_parts(_predict(model, s, world.share(idx), batch_size, fm, fm_present), world)
+    out = np.empty(len(idx), dtype=np.float64)
+    for rank, part in enumerate(parts):
+        out[rank :: world.size] = part
+    return out
 
 
 def _forward(model: torch.nn.Module, b: Batch) -> torch.Tensor:
@@ -481,8 +578,138 @@ def _forward(model: torch.nn.Module, b: Batch) -> torch.Tensor:
     return logit
 
 
+def training_device(name: str) -> torch.device:
+    """`auto`: CUDA when there is a GPU (under torchrun, the process's LOCAL_RANK one), else the CPU."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, not {name!r}")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("device cuda asked for, but torch sees no CUDA device")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+@dataclass
+class Fitted:
+    """What the epochs left: the stopping record, the per-epoch curve and the training speed."""
+
+    watch: EarlyStopping
+    history: list[dict[str, Any]]
+    impressions_per_s: float
+
+
+def fit(
+    model: torch.nn.Module,
+    s: Samples,
+    train_idx: np.ndarray,
+    valid_idx: np.ndarray,
+    cfg: TrainConfig,
+    fm_arr: np.ndarray | None,
+    fm_present: np.ndarray | None,
+    world: World,
+    log: Callable[[str], None],
+) -> Fitted:
+    """The training epochs with early stopping; leaves the best epoch's weights in the model.
+
+    Every process walks the same shuffled batches (one order generator, the same seed everywhere)
+    and takes its share of each (`World.share`); its own generator draws its dropout and auxiliary
+    samples. The validation split is scored in shares too, so all processes stop together.
+    """
+    device = next(model.parameters()).device
+    order_rng = np.random.default_rng(cfg.seed)
+    rng = np.random.default_rng([cfg.seed, world.rank])
+    for m in model.modules():
+        if isinstance(m, ByteDropout):
+            m.reseed([cfg.seed, world.rank, 1])
+    opts = optimizers(model, cfg)
+    aux = cfg.aux_weight > 0 and isinstance(model, TwoStageRanker)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    watch, best_state = EarlyStopping(cfg.patience), None
+    history: list[dict[str, Any]] = []
+    step_seconds, seen = 0.0, 0
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        # a batch smaller than the world would leave a process without impressions
+        batches = [b for b in length_batches(s, train_idx, cfg.batch_size, order_rng) if len(b) >= world.size]
+        bar = tqdm(
+            batches,
+            desc=f"{cfg.model} epoch {epoch}",
+            file=sys.stderr,
+            disable=not (cfg.progress and world.main),
+            leave=False,
+            dynamic_ncols=True,
+            mininterval=2.0,
+        )
+        total = 0.0
+        t_epoch = time.perf_counter()
+        for whole in bar:
+            bidx = world.share(whole)
+            present = None
+            if fm_present is not None:
+                # FM dropout: the ranker must still score well when the cached embedding is missing
+                present = fm_present.copy()
+                present[bidx] = (rng.random(len(bidx)) >= cfg.fm_dropout).astype(np.float32)
+            batch = make_batch(s, bidx, fm_arr, present).to(device)
+            loss = loss_fn(_forward(model, batch), batch.label)
+            if aux:
+                assert isinstance(model, TwoStageRanker)
+                loss = loss + cfg.aux_weight * cooccurrence_loss(
+                    model, batch, cfg.aux_window, cfg.aux_anchors, rng
+                )
+            if cfg.embedding_l2 > 0:
+                loss = loss + cfg.embedding_l2 * batch_rows_l2(model, batch)
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)
+            loss.backward()
+            average_gradients(model, world)
+            for opt in opts:
+                opt.step()
+            value = loss.item()
+            total += value * len(whole)
+            bar.set_postfix(loss=f"{value:.4f}", refresh=False)
+        step_seconds += time.perf_counter() - t_epoch
+        seen += sum(len(b) for b in batches)
+        probs = predict_shared(model, s, valid_idx, cfg.batch_size * 2, fm_arr, fm_present, world)
+        val, val_ll = auc(s.label[valid_idx], probs), logloss(s.label[valid_idx], probs)
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": total / len(train_idx),
+                "valid_auc": val,
+                "valid_logloss": val_ll,
+                "valid_ne": normalized_entropy(s.label[valid_idx], probs),
+            }
+        )
+        log(
+            f"epoch {epoch}: train loss {total / len(train_idx):.4f}, valid AUC {val:.4f}, "
+            f"valid logloss {val_ll:.4f}"
+        )
+        if watch.update(epoch, val, val_ll):
+            best_state = copy.deepcopy(model.state_dict())
+        if watch.stop:
+            break
+    assert best_state is not None
+    model.load_state_dict(best_state)
+    for table in item_tables(model):
+        table.sparse = False  # exported graphs and offline scoring never need the sparse gradient
+    return Fitted(watch, history, seen / step_seconds if step_seconds > 0 else float("nan"))
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Train, evaluate on the test split, export a bundle; returns the results line as a dict."""
+    """Train, evaluate on the test split, export a bundle; returns the results line as a dict.
+
+    Under torchrun each process trains its share (`exporters.distributed`); rank 0 alone evaluates
+    and exports, and the other ranks return {"rank": r, ...}.
+    """
+    device = training_device(cfg.device)
+    world = init_world(device)
+    try:
+        return _train(cfg, device, world)
+    finally:
+        close_world(world)
+
+
+def _train(cfg: TrainConfig, device: torch.device, world: World) -> dict[str, Any]:
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -498,7 +725,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             f"{cfg.data}: split left an empty part (train {len(train_idx)}, "
             f"valid {len(valid_idx)}, test {len(test_idx)})"
         )
-    log = _logger(cfg.progress)
+    log = _logger(cfg.progress and world.main)
     log(
         f"{cfg.model}: {len(train_idx)} train / {len(valid_idx)} valid / {len(test_idx)} test impressions, "
         f"{vocab.n_rows} item rows, {vocab.n_categories} categories"
@@ -542,65 +769,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if vectors is not None:
         init_embeddings(model, vectors, vocab, cfg)
         log(f"embedding tables initialised from {vectors.dim}-d item vectors of {vectors.n_events} events")
-    opt = optimizer(model, cfg)
-    aux = cfg.aux_weight > 0 and isinstance(model, TwoStageRanker)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
-    watch, best_state = EarlyStopping(cfg.patience), None
-    history = []
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        batches = length_batches(s, train_idx, cfg.batch_size, rng)
-        bar = tqdm(
-            batches,
-            desc=f"{cfg.model} epoch {epoch}",
-            file=sys.stderr,
-            disable=not cfg.progress,
-            leave=False,
-            dynamic_ncols=True,
-            mininterval=2.0,
-        )
-        total = 0.0
-        for bidx in bar:
-            present = None
-            if fm_present is not None:
-                # FM dropout: the ranker must still score well when the cached embedding is missing
-                present = fm_present.copy()
-                present[bidx] = (rng.random(len(bidx)) >= cfg.fm_dropout).astype(np.float32)
-            batch = make_batch(s, bidx, fm_arr, present)
-            loss = loss_fn(_forward(model, batch), batch.label)
-            if aux:
-                assert isinstance(model, TwoStageRanker)
-                loss = loss + cfg.aux_weight * cooccurrence_loss(
-                    model, batch, cfg.aux_window, cfg.aux_anchors, rng
-                )
-            if cfg.embedding_l2 > 0:
-                loss = loss + cfg.embedding_l2 * batch_rows_l2(model, batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(bidx)
-            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-        probs = _predict(model, s, valid_idx, cfg.batch_size * 2, fm_arr, fm_present)
-        val, val_ll = auc(s.label[valid_idx], probs), logloss(s.label[valid_idx], probs)
-        history.append(
-            {
-                "epoch": epoch,
-                "train_loss": total / len(train_idx),
-                "valid_auc": val,
-                "valid_logloss": val_ll,
-                "valid_ne": normalized_entropy(s.label[valid_idx], probs),
-            }
-        )
-        log(
-            f"epoch {epoch}: train loss {total / len(train_idx):.4f}, valid AUC {val:.4f}, "
-            f"valid logloss {val_ll:.4f}"
-        )
-        if watch.update(epoch, val, val_ll):
-            best_state = copy.deepcopy(model.state_dict())
-        if watch.stop:
-            break
-    assert best_state is not None
-    model.load_state_dict(best_state)
+    model.to(device)
+    fitted = fit(model, s, train_idx, valid_idx, cfg, fm_arr, fm_present, world, log)
+    if not world.main:
+        return {"rank": world.rank, "impressions_per_s": fitted.impressions_per_s}
+    watch, history = fitted.watch, fitted.history
+    # evaluation, calibration and export run in one process, on the CPU, as offline scoring does
+    model.cpu()
     calibration: dict[str, Any] = {"fitted": False}
     if cfg.calibrate:
         valid_logits = _predict(model, s, valid_idx, cfg.batch_size * 2, fm_arr, fm_present, logits=True)
@@ -646,6 +821,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "seed": cfg.seed,
             "best_epoch": watch.best_epoch,
             "epochs_run": len(history),
+            "impressions_per_s": round(fitted.impressions_per_s, 1),
+            "device": str(device),
+            "processes": world.size,
             "stopped_by": watch.stopped_by,
             "calibration": calibration,
             "seconds": round(train_seconds, 1),
@@ -674,6 +852,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "calibration": metrics["calibration"],
         "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.time() - t0, 1),
+        "impressions_per_s": round(fitted.impressions_per_s, 1),
+        "processes": world.size,
         "best_epoch": watch.best_epoch,
         "stopped_by": watch.stopped_by,
         "bundle_bytes": size,

@@ -47,6 +47,12 @@ def train(
     attention_dim: int = typer.Option(16, help="dare: attention embedding size"),
     representation_dim: int = typer.Option(64, help="representation size (coupled: the shared size)"),
     top_k: int = typer.Option(64, help="behaviors retrieved per candidate by stage 1"),
+    device: str = typer.Option("auto", help="auto (CUDA when present) | cpu | cuda; under torchrun, per process"),
+    sparse_tables: bool | None = typer.Option(
+        None,
+        "--sparse-tables/--dense-tables",
+        help="item tables with sparse row gradients and a row-wise Adam (default: from 524,288 items)",
+    ),
     max_seq_len: int = typer.Option(
         2000, help="training window: history events per impression (most recent); serving searches deeper"
     ),
@@ -102,6 +108,8 @@ def train(
         attention_dim=attention_dim,
         representation_dim=representation_dim,
         top_k=top_k,
+        device=device,
+        sparse_tables=sparse_tables,
         max_seq_len=max_seq_len,
         fm_dim=fm_dim,
         patience=patience,
@@ -119,7 +127,8 @@ def train(
         result = run_training(cfg)
     except (DatasetError, BundleError, FileNotFoundError, ValueError) as e:
         raise _fail(str(e)) from None
-    typer.echo(orjson.dumps(nan_to_none(result)).decode())
+    if "rank" not in result:  # under torchrun only rank 0 reports
+        typer.echo(orjson.dumps(nan_to_none(result)).decode())
 
 
 @app.command()
@@ -162,12 +171,15 @@ def pretrain(
 
 
 def torch_threads() -> None:
-    """Deterministic CPU training: a fixed intra-op thread count (results depend on it)."""
+    """Deterministic CPU training: a fixed intra-op thread count (results depend on it). Under
+    torchrun the cores are shared among the processes: more threads than cores made a step up to
+    ten times slower, the threads of each process spinning while the others held the cores."""
     import os
 
     import torch
 
-    torch.set_num_threads(int(os.environ.get("DARE_TRAIN_THREADS", str(min(4, os.cpu_count() or 1)))))
+    cores = max(1, (os.cpu_count() or 1) // int(os.environ.get("WORLD_SIZE", "1")))
+    torch.set_num_threads(int(os.environ.get("DARE_TRAIN_THREADS", str(min(4, cores)))))
 
 
 @app.command("fm-embed")
