@@ -55,11 +55,18 @@ class RankerConfig:
     # A learned gain on stage 2's attention logits (exp of a scalar, starting at 1): stage 1's
     # ranking does not depend on it, so stage 2 can sharpen its softmax without moving the search.
     stage2_gain: bool = False
+    # Stage 1 always keeps the newest `recent_k` behaviors of the history (the last positions of a
+    # sequence ordered oldest first) and searches the other top_k - recent_k among the older ones.
+    # The learned time bias alone did not pull recent behaviors up on real data (docs/retrieval.md).
+    # 0 (pure search) in bundles trained before it.
+    recent_k: int = 0
 
     def __post_init__(self) -> None:
         if self.kind == "coupled":
             # one shared table: the attention dimension is the representation dimension
             self.attention_dim = self.representation_dim
+        if not 0 <= self.recent_k <= self.top_k:
+            raise ValueError(f"recent_k must be in [0, top_k={self.top_k}], got {self.recent_k}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -207,8 +214,13 @@ class TwoStageRanker(nn.Module):
         hist_mask: torch.Tensor,
         chunk: int | None = None,
     ) -> torch.Tensor:
-        """Stage 1: positions [N, k] of the top-k behaviors by attention (k = min(K, L)), best first,
-        equal logits in position order.
+        """Stage 1: positions [N, k] of the top-k behaviors (k = min(K, L)).
+
+        With `recent_k` = 0, by attention logit, best first, equal logits in position order. With
+        `recent_k` = R > 0, a row's newest min(R, n) valid behaviors (n = its valid count) come first,
+        newest to oldest, then the best k - min(R, n) of the older ones by logit as above: R = K
+        is the newest-first ranking. Positions past a row's valid behaviors fill its last columns,
+        in position order, as without R.
 
         Only indices leave it, so it runs without autograd (gradients reach the attention table
         through stage 2's K behaviors). It walks the history in chunks of `chunk` positions (default:
@@ -217,18 +229,29 @@ class TwoStageRanker(nn.Module):
         """
         n, length = hist_rows.shape
         k = min(self.cfg.top_k, length)
+        recent = self.cfg.recent_k
         if chunk is None:
             chunk = max(k, SEARCH_CHUNK_ELEMENTS // max(1, n * self.cfg.attention_dim))
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         device = hist_rows.device
         with torch.no_grad():
+            n_valid = hist_mask.sum(1, dtype=torch.long)
+            seen = torch.zeros(n, dtype=torch.long, device=device)  # valid positions before the chunk
             best = torch.empty((n, 0), dtype=self.target_time.dtype, device=device)
             best_pos = torch.empty((n, 0), dtype=torch.long, device=device)
             for start in range(0, length, chunk):
                 cols = slice(start, min(start + chunk, length))
+                mask = hist_mask[:, cols]
                 logits = self.attention_logits(target_rows, hist_rows[:, cols], hist_buckets[:, cols])
-                logits = logits.masked_fill(~hist_mask[:, cols], float("-inf"))
+                logits = logits.masked_fill(~mask, float("-inf"))
+                if recent:
+                    # +inf sorts a kept behavior above every searched one; kept ones tie among
+                    # themselves and so stay in position order (reversed below)
+                    counted = seen[:, None] + torch.cumsum(mask, dim=1)
+                    kept = mask & (n_valid[:, None] - counted < recent)
+                    logits = logits.masked_fill(kept, float("inf"))
+                    seen = counted[:, -1]
                 positions = torch.arange(cols.start, cols.stop, device=device).expand(n, -1)
                 # The running top-k holds only earlier positions, each part in position order: a stable
                 # sort of [running, chunk] keeps equal logits in position order, as one sort of all L does.
@@ -236,6 +259,11 @@ class TwoStageRanker(nn.Module):
                 order = torch.sort(values, dim=1, descending=True, stable=True).indices[:, :k]
                 best = values.gather(1, order)
                 best_pos = torch.cat([best_pos, positions], dim=1).gather(1, order)
+            if recent:
+                # the kept block, oldest first after the sort, reversed to newest first
+                n_kept = torch.clamp(n_valid, max=recent)[:, None]
+                col = torch.arange(k, device=device)[None, :]
+                best_pos = best_pos.gather(1, torch.where(col < n_kept, n_kept - 1 - col, col))
         return best_pos
 
     # -- stage 2 -------------------------------------------------------------------------------

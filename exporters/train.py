@@ -94,6 +94,8 @@ class TrainConfig:
     # (models.RankerConfig); off by default until measured over seeds on every dataset
     recency_prior: float | None = None
     stage2_gain: bool = False
+    # stage 1 always keeps this many newest behaviors (models.RankerConfig.recent_k)
+    recent_k: int = 0
     # where training runs: auto (CUDA when present), cpu, cuda
     device: str = "auto"
     # item tables with sparse row gradients and a row-wise (lazy) Adam: a step then costs the same at
@@ -762,6 +764,7 @@ def _train(cfg: TrainConfig, device: torch.device, world: World) -> dict[str, An
             item_dropout=cfg.item_dropout,
             recency_prior=cfg.recency_prior,
             stage2_gain=cfg.stage2_gain,
+            recent_k=cfg.recent_k,
         )
         model = TwoStageRanker(rcfg, vocab.row_category)
 

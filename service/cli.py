@@ -53,6 +53,9 @@ def train(
         "--sparse-tables/--dense-tables",
         help="item tables with sparse row gradients and a row-wise Adam (default: from 524,288 items)",
     ),
+    recent_k: int = typer.Option(
+        0, help="of the top-k, the newest behaviors always kept; stage 1 searches the rest (0: all searched)"
+    ),
     max_seq_len: int = typer.Option(
         2000, help="training window: history events per impression (most recent); serving searches deeper"
     ),
@@ -108,6 +111,7 @@ def train(
         attention_dim=attention_dim,
         representation_dim=representation_dim,
         top_k=top_k,
+        recent_k=recent_k,
         device=device,
         sparse_tables=sparse_tables,
         max_seq_len=max_seq_len,

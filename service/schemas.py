@@ -41,10 +41,15 @@ class ExplainedBehavior(BaseModel):
     item_id: int
     timestamp: int
     attention: float
+    recent: bool = Field(
+        description="kept by recency: one of the user's newest behaviors that a ranker trained with "
+        "recent_k > 0 always retrieves; false: chosen by the attention search"
+    )
 
 
 class ExplainedCandidate(BaseModel):
-    """The top-K behaviors of one candidate, best first by stage-1 score."""
+    """The top-K behaviors of one candidate: those kept by recency first (newest first), then the
+    searched ones, best first by stage-1 score."""
 
     item_id: int
     effective_behaviors: float = Field(

@@ -2,6 +2,8 @@
 
 Stage 2 is fed straight from stage 1: each candidate's retrieved positions and their scores (the
 attention logits before scaling), with each distinct retrieved behavior of a request passed once.
+A ranker trained with `recent_k` > 0 has its newest behaviors kept in front of the searched ones
+(`Stage1Engine.search`), as in training.
 
 Plain synchronous numpy / FAISS / ONNX Runtime: the service runs `score_jobs` in a worker thread,
 benchmarks and tests call it directly. No I/O, no asyncio, no HTTP.
@@ -16,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from exporters.bundle import Bundle
+from exporters.bundle import Bundle, Manifest
 from exporters.features import N_TIME_BUCKETS, time_buckets
 from feature_store.base import FmLookup, FmStatus
 from service.core.ranking import FeedPool, RankInput, rank_batch, rank_input
@@ -45,6 +47,8 @@ class ScoringModel:
         if bundle.manifest.model == "fm" or bundle.search_table is None or bundle.time_bias is None:
             raise ValueError(f"{bundle.path} is not a ranker bundle")
         m = bundle.manifest
+        if not 0 <= recent_k_of(m) <= m.top_k:
+            raise ValueError(f"{bundle.path}: recent_k {recent_k_of(m)} outside [0, top_k={m.top_k}]")
         model = cls(bundle, FeedPool(m.top_k, m.dims.fm), tuple(bundle.session.get_providers()), time.time())
         # a small run first: measured, a large first run alone left later batches as slow as unwarmed
         score_jobs(model, warm_jobs(m.n_items, m.top_k, m.dims.fm, 2, 1))
@@ -65,6 +69,11 @@ class ScoringModel:
         return self.bundle.manifest.top_k
 
     @property
+    def recent_k(self) -> int:
+        """Newest behaviors stage 1 always keeps (0: all searched)."""
+        return recent_k_of(self.bundle.manifest)
+
+    @property
     def fm_dim(self) -> int:
         return self.bundle.manifest.dims.fm
 
@@ -76,6 +85,12 @@ class ScoringModel:
     def max_seq_len(self) -> int:
         """The training window; serving reads as deep as its search depth setting, not this."""
         return self.bundle.manifest.max_seq_len
+
+
+def recent_k_of(manifest: Manifest) -> int:
+    """The ranker config's `recent_k`; 0 for a bundle trained before it existed."""
+    config = (manifest.model_extra or {}).get("config") or {}
+    return int(config.get("recent_k", 0))
 
 
 def fm_input(
@@ -137,13 +152,18 @@ def warm_jobs(n_items: int, top_k: int, fm_dim: int, batch: int, candidates: int
 
 @dataclass(frozen=True, slots=True, eq=False)
 class ScoredJob:
-    """Scores [C] in candidate order; positions [C, k] into the user's sequence and their attention."""
+    """Scores [C] in candidate order; positions [C, k] into the user's sequence and their attention.
+
+    The first `kept` columns of `positions` are the newest behaviors kept by recency (`recent_k`),
+    newest first; the others were searched, best first.
+    """
 
     probabilities: np.ndarray
     positions: np.ndarray
     attention: np.ndarray
     search_s: float  # the batch's stage 1 (the engine searches the batch's requests together)
     rank_s: float  # the batch's stage 2 (one ORT call shared by the batch)
+    kept: int = 0
 
 
 _SERIAL = Stage1Engine(threads=1)
@@ -163,7 +183,7 @@ def score_jobs(
         search_pairs(b.search_table, b.time_bias, jobs[i].cand_rows, jobs[i].beh_rows, jobs[i].beh_buckets)
         for i in searched
     ]
-    results = engine.search(pairs, model.top_k)
+    results = engine.search(pairs, model.top_k, model.recent_k)
     positions = [np.zeros((len(job.cand_rows), 0), np.int64) for job in jobs]
     scores = [np.zeros((len(job.cand_rows), 0), np.float32) for job in jobs]
     for i, res in zip(searched, results, strict=True):
@@ -178,8 +198,10 @@ def score_jobs(
     outputs = rank_batch(model.bundle.session, model.feeds, inputs)
     rank_s = time.perf_counter() - t0
     return [
-        ScoredJob(out.probabilities, pos, out.attention, search_s, rank_s)
-        for out, pos in zip(outputs, positions, strict=True)
+        ScoredJob(
+            out.probabilities, pos, out.attention, search_s, rank_s, min(model.recent_k, len(job.beh_rows))
+        )
+        for out, pos, job in zip(outputs, positions, jobs, strict=True)
     ]
 
 

@@ -13,6 +13,11 @@ release the GIL, so `Stage1Engine`'s threads run in parallel. Results are exact:
 behaviors as `faiss.knn`, best first, equal scores in position order; the scores differ from
 FAISS's only in float rounding (BLAS sums the products in another order). On GPU the search is
 FAISS's brute-force `knn_gpu`.
+
+A ranker trained with `recent_k` = R > 0 always keeps its newest R behaviors: `Stage1Engine.search`
+then puts a sequence's last min(R, L) keys (sequences are ordered oldest first) in the first columns,
+newest first, with their inner products as scores, and searches the top k - R of the older keys
+for the columns after them, best first: the order of `TwoStageRanker.search`.
 """
 
 from __future__ import annotations
@@ -139,6 +144,20 @@ def knn_gpu(resources: Any, queries: np.ndarray, keys: np.ndarray, k: int) -> Se
     return SearchResult(positions, scores)
 
 
+def with_newest(queries: np.ndarray, keys: np.ndarray, recent: int, older: SearchResult) -> SearchResult:
+    """The newest min(`recent`, L) keys (the last rows), newest first, with their scores, in front of
+    `older`, the search result over the keys before them."""
+    length = len(keys)
+    kept = np.arange(length - 1, length - 1 - min(recent, length), -1, dtype=np.int64)
+    # the same float32 inner products as the searched scores (their rounding may differ in the last bit)
+    scores = _float32(queries) @ _float32(keys[kept]).T
+    positions = np.broadcast_to(kept, (len(queries), len(kept)))
+    return SearchResult(
+        np.concatenate([positions, older.positions], axis=1),
+        np.concatenate([scores, older.scores], axis=1).astype(np.float32, copy=False),
+    )
+
+
 # Below this many scores per task, splitting a search across threads costs more than it saves.
 _MIN_SCORES_PER_TASK = 200_000
 
@@ -167,8 +186,23 @@ class Stage1Engine:
         elif self.threads > 1:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="stage1")
 
-    def search(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> list[SearchResult]:
-        """Top-k for each (queries, keys) pair; large searches are split by query rows across threads."""
+    def search(
+        self, pairs: Sequence[tuple[np.ndarray, np.ndarray]], k: int, recent: int = 0
+    ) -> list[SearchResult]:
+        """Top-k for each (queries, keys) pair; large searches are split by query rows across threads.
+
+        With `recent` = R > 0, each pair's newest min(R, L) keys come first, newest first, and the
+        best k - min(R, L) of its older keys after them (see the module docstring).
+        """
+        if recent == 0:
+            return self._search(pairs, k)
+        if not 0 < recent <= k:
+            raise ValueError(f"recent must be in [0, k={k}], got {recent}")
+        older = [(q, keys[: max(len(keys) - recent, 0)]) for q, keys in pairs]
+        searched = self._search(older, k - recent)
+        return [with_newest(q, keys, recent, res) for (q, keys), res in zip(pairs, searched, strict=True)]
+
+    def _search(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> list[SearchResult]:
         if self._gpu is not None:
             with self._gpu_lock:
                 return [knn_gpu(self._gpu, q, keys, k) for q, keys in pairs]

@@ -41,8 +41,8 @@ def server_timing(outcome: ScoreOutcome, total_s: float) -> str:
 
 
 def explain_of(candidates: list[int], outcome: ScoreOutcome) -> list[dict[str, Any]]:
-    """Per candidate, its retrieved behaviors (raw ids and times) with their attention weights, and
-    how many of them the weights effectively spread over."""
+    """Per candidate, its retrieved behaviors (raw ids and times) with their attention weights and
+    whether recency kept them, and how many of them the weights effectively spread over."""
     s = outcome.scored
     items = outcome.items[s.positions].tolist()
     times = outcome.timestamps[s.positions].tolist()
@@ -53,8 +53,8 @@ def explain_of(candidates: list[int], outcome: ScoreOutcome) -> list[dict[str, A
             "item_id": cand,
             "effective_behaviors": effective[c],
             "behaviors": [
-                {"item_id": i, "timestamp": t, "attention": a}
-                for i, t, a in zip(items[c], times[c], weights[c], strict=True)
+                {"item_id": i, "timestamp": t, "attention": a, "recent": j < s.kept}
+                for j, (i, t, a) in enumerate(zip(items[c], times[c], weights[c], strict=True))
             ],
         }
         for c, cand in enumerate(candidates)

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from exporters.bundle import Bundle, BundleError, load_bundle, sha256_file
+from exporters.bundle import Bundle, BundleError, Manifest, load_bundle, sha256_file
 from exporters.export import export_fm, export_ranker
 from exporters.features import time_buckets
 from exporters.models import FmConfig, FoundationModel, RankerConfig, TwoStageRanker
+from exporters.offline import load_torch_model
+from service.core.pipeline import ScoringModel, prepare_job, recent_k_of, score_jobs
 from service.core.search import knn_plain, search_keys, search_queries
 
 N_ITEMS, N_CATS, K = 60, 6, 8
@@ -402,3 +404,55 @@ def test_row_lookup_matches_the_binary_search(ids: list[int], dense: bool) -> No
     bundle = Bundle(Path("."), None, item_ids, np.zeros(len(item_ids), np.int64), None)  # type: ignore[arg-type]
     got = bundle.rows(probe)
     assert got.dtype == np.int64 and got.tolist() == want.tolist()
+
+
+@pytest.mark.parametrize(
+    "kind,fm_dim,recent_k", [("dare", 0, 3), ("dare", 3, 1), ("coupled", 0, 5), ("dare", 3, K)]
+)
+def test_served_stages_keeping_the_newest_match_pytorch(
+    tmp_path: Path, kind: str, fm_dim: int, recent_k: int
+) -> None:
+    """The service's stage 1 and stage 2 (`prepare_job`, `score_jobs`) against the PyTorch model of
+    a ranker that always keeps its newest behaviors."""
+    model = _ranker(kind, fm_dim, recent_k=recent_k)
+    path = _export(model, tmp_path)
+    served = ScoringModel.from_bundle(load_bundle(path))
+    assert served.recent_k == recent_k and load_torch_model(path).cfg.recent_k == recent_k
+    rng = np.random.default_rng(2)
+    now = 1_700_000_000
+    raw_candidates = np.r_[_item_ids()[rng.integers(1, N_ITEMS, 9)], 5]
+    cand_rows = served.bundle.rows(raw_candidates)
+    for length in (0, 1, recent_k, K - 1, K, 5 * K):
+        hist_rows = rng.integers(0, N_ITEMS, length)
+        hist_ts = np.sort(now - rng.integers(1, 10**7, length))
+        fm = rng.normal(size=fm_dim).astype(np.float32) if fm_dim else None
+        job = prepare_job(served, raw_candidates, _item_ids()[hist_rows], hist_ts, now, fm)
+        out = score_jobs(served, [job])[0]
+        want, top = _torch_scores(model, cand_rows, hist_rows, hist_ts, now, fm, 1.0 if fm_dim else None)
+        np.testing.assert_allclose(out.probabilities, want, rtol=0, atol=1e-5)
+        n_kept = min(recent_k, length)
+        assert out.kept == n_kept and out.positions.shape == (len(cand_rows), min(K, length))
+        if length:
+            # the kept block is exactly the offline one: the newest, newest first
+            newest = np.arange(length - 1, length - 1 - n_kept, -1)
+            np.testing.assert_array_equal(
+                out.positions[:, :n_kept], np.broadcast_to(newest, (len(cand_rows), n_kept))
+            )
+            np.testing.assert_array_equal(top[:, :n_kept], out.positions[:, :n_kept])
+            # the searched block: the same (item, time bucket) behaviors, in the same order of score
+            buckets = time_buckets(now - hist_ts)
+            k = min(K, length)
+            for c in range(len(cand_rows)):
+                got = list(zip(hist_rows[out.positions[c]], buckets[out.positions[c]], strict=True))
+                oracle = list(zip(hist_rows[top[c][:k]], buckets[top[c][:k]], strict=True))
+                assert sorted(got[n_kept:]) == sorted(oracle[n_kept:])
+            np.testing.assert_allclose(out.attention.sum(1), 1.0, atol=1e-5)
+
+
+def test_a_bundle_without_recent_k_keeps_none(tmp_path: Path) -> None:
+    bundle = load_bundle(_export(_ranker("dare", recent_k=2), tmp_path))
+    assert recent_k_of(bundle.manifest) == 2
+    older = bundle.manifest.model_dump()
+    del older["config"]["recent_k"]
+    assert recent_k_of(Manifest.model_validate(older)) == 0
+    assert RankerConfig(**{k: v for k, v in older["config"].items() if k != "mlp"}).recent_k == 0

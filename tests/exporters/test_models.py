@@ -95,3 +95,71 @@ def test_default_and_invalid_chunks() -> None:
     )
     with pytest.raises(ValueError, match="chunk"):
         model.search(target, rows, buckets, mask, chunk=0)
+
+
+def recent_oracle(logits: np.ndarray, mask: np.ndarray, top_k: int, recent_k: int) -> np.ndarray:
+    """numpy: per row the newest min(R, n) valid positions, newest first, then the other valid ones by
+    logit (best first, equal logits in position order), then the padding positions in order."""
+    out = []
+    for row, valid in zip(logits, mask, strict=True):
+        positions = np.flatnonzero(valid)
+        kept = positions[len(positions) - min(recent_k, len(positions)) :][::-1]
+        older = positions[: len(positions) - len(kept)]
+        searched = older[np.argsort(-row[older], kind="stable")]
+        padding = np.flatnonzero(~valid)
+        out.append(np.r_[kept, searched, padding][: min(top_k, len(row))])
+    return np.array(out, dtype=np.int64).reshape(len(logits), min(top_k, logits.shape[1]))
+
+
+@pytest.mark.parametrize(
+    "top_k,recent_k", [(TOP_K, 1), (TOP_K, 5), (TOP_K, TOP_K - 1), (TOP_K, TOP_K), (4, 3)]
+)
+@pytest.mark.parametrize("length", [1, 3, TOP_K, 40, 300])
+def test_search_keeping_the_newest_matches_a_numpy_oracle(top_k: int, recent_k: int, length: int) -> None:
+    torch.manual_seed(top_k + recent_k)
+    rng = np.random.default_rng(length)
+    cfg = RankerConfig("dare", N_ITEMS, N_CATEGORIES, 8, 8, top_k, recent_k=recent_k)
+    model = TwoStageRanker(cfg, rng.integers(0, N_CATEGORIES, N_ITEMS))
+    # few distinct (item, bucket) pairs: equal logits; lengths from 0 to `length`
+    target = torch.from_numpy(rng.integers(1, N_ITEMS, 9))
+    rows = torch.from_numpy(rng.integers(1, 30, (9, length)))
+    buckets = torch.from_numpy(rng.integers(0, 3, (9, length)))
+    lengths = np.r_[0, length, min(recent_k, length), rng.integers(0, length + 1, 6)]
+    mask = torch.from_numpy(np.arange(length)[None, :] < lengths[:, None])
+    with torch.no_grad():
+        logits = model.attention_logits(target, rows, buckets).numpy()
+    want = recent_oracle(logits, mask.numpy(), top_k, recent_k)
+    for chunk in (1, 2, max(top_k - 1, 1), top_k, 37, length, None):
+        got = model.search(target, rows, buckets, mask, chunk=chunk)
+        np.testing.assert_array_equal(got.numpy(), want, err_msg=f"chunk {chunk}")
+    # the newest-first ranking when every slot is kept; the search alone when none is
+    newest = recent_oracle(logits, mask.numpy(), top_k, top_k)
+    model.cfg.recent_k = top_k
+    np.testing.assert_array_equal(model.search(target, rows, buckets, mask, chunk=5).numpy(), newest)
+    model.cfg.recent_k = 0
+    np.testing.assert_array_equal(
+        model.search(target, rows, buckets, mask, chunk=5).numpy(),
+        recent_oracle(logits, mask.numpy(), top_k, 0),
+    )
+
+
+def test_search_keeping_the_newest_with_gaps_in_the_mask() -> None:
+    """The newest are the last valid positions of a row, wherever its padding is."""
+    cfg = RankerConfig("dare", N_ITEMS, N_CATEGORIES, 8, 8, 6, recent_k=3)
+    model = TwoStageRanker(cfg, np.random.default_rng(0).integers(0, N_CATEGORIES, N_ITEMS))
+    rng = np.random.default_rng(4)
+    target = torch.from_numpy(rng.integers(1, N_ITEMS, 5))
+    rows = torch.from_numpy(rng.integers(1, N_ITEMS, (5, 20)))
+    buckets = torch.from_numpy(rng.integers(0, 5, (5, 20)))
+    mask = torch.from_numpy(rng.random((5, 20)) < 0.5)
+    with torch.no_grad():
+        logits = model.attention_logits(target, rows, buckets).numpy()
+    want = recent_oracle(logits, mask.numpy(), 6, 3)
+    for chunk in (1, 4, 20):
+        np.testing.assert_array_equal(model.search(target, rows, buckets, mask, chunk=chunk).numpy(), want)
+
+
+def test_recent_k_must_fit_in_top_k() -> None:
+    for bad in (-1, TOP_K + 1):
+        with pytest.raises(ValueError, match="recent_k"):
+            RankerConfig("dare", N_ITEMS, N_CATEGORIES, top_k=TOP_K, recent_k=bad)

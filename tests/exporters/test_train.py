@@ -84,6 +84,8 @@ def test_train_cli_prints_one_json_line(tiny_data: Path, tmp_path: Path) -> None
         "8",
         "--top-k",
         "8",
+        "--recent-k",
+        "3",
         "--max-seq-len",
         "100",
         "--no-progress",
@@ -92,7 +94,8 @@ def test_train_cli_prints_one_json_line(tiny_data: Path, tmp_path: Path) -> None
     line = json.loads(p.stdout.strip().splitlines()[-1])
     assert line["variant"] == "control" and line["bundle"] == str(tmp_path / "control" / "1")
     assert 0 < line["auc"] <= 1 and "gauc" in line and "logloss" in line and line["train_seconds"] > 0
-    assert load_bundle(line["bundle"]).manifest.max_seq_len == 100
+    manifest = load_bundle(line["bundle"]).manifest
+    assert manifest.max_seq_len == 100 and (manifest.model_extra or {})["config"]["recent_k"] == 3
 
 
 def test_train_cli_bad_input(tmp_path: Path) -> None:

@@ -12,7 +12,11 @@ import pytest
 
 from exporters.bundle import read_manifest
 from exporters.offline import load_torch_model, score_offline
+from feature_store.base import FmStatus
 from service.app import create_app
+from service.core.pipeline import ScoredJob
+from service.routes.score import explain_of
+from service.scoring import ScoreOutcome
 from tests.conftest import ServedData, TinyModels
 from tests.service.conftest import TestClient, score
 
@@ -160,6 +164,7 @@ def test_explain_lists_retrieved_behaviors(client: Any, served: ServedData, tiny
         behaviors = entry["behaviors"]
         assert len(behaviors) == min(top_k, len(items))
         assert all((b["item_id"], b["timestamp"]) in history for b in behaviors)
+        assert not any(b["recent"] for b in behaviors), "the tiny bundles keep no behaviors by recency"
         weights = np.array([b["attention"] for b in behaviors])
         assert (weights >= 0).all() and abs(weights.sum() - 1.0) < 1e-4
         nonzero = weights[weights > 0]
@@ -168,6 +173,19 @@ def test_explain_lists_retrieved_behaviors(client: Any, served: ServedData, tiny
         assert 1.0 <= entry["effective_behaviors"] <= len(behaviors) + 1e-6
     plain = score(client, user, cands, "dare", timestamp=served.now).json()
     assert plain["explain"] is None and plain["scores"] == body["scores"]
+
+
+def test_explain_marks_the_behaviors_kept_by_recency() -> None:
+    """A ranker with recent_k keeps its newest behaviors in the first slots: those are marked."""
+    positions = np.array([[4, 3, 0, 2], [4, 3, 1, 0]])
+    attention = np.full((2, 4), 0.25, np.float32)
+    scored = ScoredJob(np.array([0.3, 0.6], np.float32), positions, attention, 0.0, 0.0, kept=2)
+    items, times = np.array([10, 11, 12, 13, 14]), np.array([100, 101, 102, 103, 104])
+    outcome = ScoreOutcome(scored, items, times, 5, FmStatus.HIT, True, 0, 0.0, 0.0)
+    explained = explain_of([7, 8], outcome)
+    assert [b["item_id"] for b in explained[1]["behaviors"]] == [14, 13, 11, 10]
+    assert [[b["recent"] for b in e["behaviors"]] for e in explained] == [[True, True, False, False]] * 2
+    assert [b["timestamp"] for b in explained[0]["behaviors"]] == [104, 103, 100, 102]
 
 
 def test_explain_for_a_cold_user_is_empty(client: Any, served: ServedData) -> None:

@@ -252,3 +252,32 @@ def test_checked_result_refuses_what_would_score_the_wrong_behaviors() -> None:
     # k = min(K, L): a top-64 over 2 behaviors must have 2 columns, each position below 2
     with pytest.raises(RuntimeError, match="expected \\(2, 2\\)"):
         checked_result(good, n_candidates=2, n_behaviors=2, top_k=64)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("k,recent", [(64, 16), (64, 64), (8, 3)])
+def test_engine_keeps_the_newest_in_front_of_the_search(threads: int, k: int, recent: int) -> None:
+    rng = np.random.default_rng(k + recent)
+    # small integers: exact float32 inner products, so ties and scores compare exactly
+    base = rng.integers(-3, 4, (30, 17)).astype(np.float32)
+    pairs = [
+        (rng.integers(-3, 4, (c, 17)).astype(np.float32), base[rng.integers(0, 30, n)])
+        for c, n in [(200, 5_000), (3, 20), (5, recent), (4, recent - 1), (1, 0), (0, 30), (7, k), (6, k + 1)]
+    ]
+    engine = Stage1Engine(threads=threads)
+    try:
+        results = engine.search(pairs, k, recent)
+    finally:
+        engine.close()
+    for (q, keys), res in zip(pairs, results, strict=True):
+        length = len(keys)
+        n_kept = min(recent, length)
+        kept = np.arange(length - 1, length - 1 - n_kept, -1)
+        older, older_scores = _oracle(q @ keys[: length - n_kept].T, min(k, length) - n_kept)
+        want_pos = np.concatenate([np.broadcast_to(kept, (len(q), n_kept)), older], axis=1)
+        want_val = np.concatenate([q @ keys[kept].T, older_scores], axis=1)
+        np.testing.assert_array_equal(res.positions, want_pos)
+        np.testing.assert_array_equal(res.scores, want_val)
+        assert res.positions.shape == (len(q), min(k, length))
+    with pytest.raises(ValueError, match="recent"):
+        Stage1Engine(threads=1).search(pairs, k, k + 1)
