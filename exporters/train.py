@@ -41,9 +41,9 @@ from exporters.samples import ItemVocab, Samples, build_samples, gather_historie
 
 TRAIN, VALID, TEST = 0, 1, 2
 # From this many item rows the tables get sparse gradients and the row-wise Adam (TrainConfig.
-# sparse_tables): measured per step on 2 cores, dense fused Adam over a 40 k x 64 table took 5 ms and
-# the row-wise one 18 ms, at 4 M rows 400 ms against ~50 ms.
-SPARSE_TABLES_ROWS = 1 << 19
+# sparse_tables). Measured on 2 cores (dare, batch 256): at 40 k rows both ran at ~9.2 k impressions/s;
+# at 429 k rows the dense step fell to 1.9 k/s and the sparse one held 8.0 k/s.
+SPARSE_TABLES_ROWS = 1 << 16
 
 
 @dataclass
@@ -774,6 +774,9 @@ def _train(cfg: TrainConfig, device: torch.device, world: World) -> dict[str, An
         log(f"embedding tables initialised from {vectors.dim}-d item vectors of {vectors.n_events} events")
     model.to(device)
     fitted = fit(model, s, train_idx, valid_idx, cfg, fm_arr, fm_present, world, log)
+    # the processes are done with each other: rank 0 evaluates and exports alone, and a process
+    # waiting in the group would spin on a core that evaluation could use
+    close_world(world)
     if not world.main:
         return {"rank": world.rank, "impressions_per_s": fitted.impressions_per_s}
     watch, history = fitted.watch, fitted.history

@@ -47,11 +47,13 @@ def train(
     attention_dim: int = typer.Option(16, help="dare: attention embedding size"),
     representation_dim: int = typer.Option(64, help="representation size (coupled: the shared size)"),
     top_k: int = typer.Option(64, help="behaviors retrieved per candidate by stage 1"),
-    device: str = typer.Option("auto", help="auto (CUDA when present) | cpu | cuda; under torchrun, per process"),
+    device: str = typer.Option(
+        "auto", help="auto (CUDA when present) | cpu | cuda; per process under torchrun"
+    ),
     sparse_tables: bool | None = typer.Option(
         None,
         "--sparse-tables/--dense-tables",
-        help="item tables with sparse row gradients and a row-wise Adam (default: from 524,288 items)",
+        help="item tables with sparse row gradients and a row-wise Adam (default: from 65,536 items)",
     ),
     recent_k: int = typer.Option(
         0, help="of the top-k, the newest behaviors always kept; stage 1 searches the rest (0: all searched)"
