@@ -83,7 +83,7 @@ def measure(
         item_dropout=cfg.item_dropout,
     )
     model = TwoStageRanker(rcfg, vocab.row_category)
-    opt = tr.optimizer(model, cfg)
+    opts = tr.optimizers(model, cfg)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     before = _rss_mib()
     model.train()
@@ -96,9 +96,11 @@ def measure(
         loss = loss + cfg.aux_weight * tr.cooccurrence_loss(
             model, batch, cfg.aux_window, cfg.aux_anchors, rng
         )
-        opt.zero_grad(set_to_none=True)
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
+        for opt in opts:
+            opt.step()
     epoch_s = time.perf_counter() - t0
     after_epoch = _rss_mib()
     t0 = time.perf_counter()

@@ -16,7 +16,7 @@ from exporters.item_vectors import (
     visible_events,
 )
 from exporters.models import RankerConfig, TwoStageRanker
-from exporters.train import Batch, TrainConfig, cooccurrence_loss, optimizer
+from exporters.train import Batch, TrainConfig, cooccurrence_loss, optimizers
 
 
 def _two_worlds(n_users: int = 120, length: int = 60, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -111,12 +111,13 @@ def test_embeddings_are_excluded_from_weight_decay() -> None:
     for decay_embeddings, should_shrink in ((False, False), (True, True)):
         model = _ranker()
         cfg.decay_embeddings = decay_embeddings
-        opt = optimizer(model, cfg)
+        opts = optimizers(model, cfg)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         for _ in range(20):
             for p in model.parameters():
                 p.grad = torch.zeros_like(p)  # L2 is then the only force
-            opt.step()
+            for opt in opts:
+                opt.step()
         for name, p in model.named_parameters():
             is_embedding = name.endswith(".weight") and name.split(".")[0] in {
                 "repr_item",
