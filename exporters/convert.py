@@ -736,25 +736,43 @@ def _taobao_tables(
     neg_code, ok = _sample_negatives(user_code, item_code, pos_user, rng)
     pos_item, pos_ts = item_code[positives], ts[positives]
     del positives, user_code, item_code, ts
-    n_pos, n_neg = len(pos_user), int(ok.sum())
+    n_pos = len(pos_user)
     im_user = np.concatenate([pos_user, pos_user[ok]])
     im_item = np.concatenate([pos_item, neg_code[ok]])
     im_ts = np.concatenate([pos_ts, pos_ts[ok]])
     del pos_user, pos_item, pos_ts, neg_code, ok
-    label = np.r_[np.ones(n_pos, np.int8), np.zeros(n_neg, np.int8)]
-    order = _order_in_runs(im_user, im_ts, im_item, [(0, n_pos), (n_pos, n_pos + n_neg)], ts_min, bits)
-    order = order[_string_order(im_user[order], names)]
-    sink.write_impressions(
-        names,
-        {
-            "user_id": im_user,
-            "item_id": items[im_item],
-            "category_id": item_category[im_item],
-            "timestamp": im_ts,
-            "label": label,
-        },
-        order,
+    _write_impressions(
+        sink, names, items, im_user, im_item, im_ts, item_category[im_item], n_pos, ts_min, bits
     )
+
+
+def _write_impressions(
+    sink: _Sink,
+    names: pa.Array[Any],
+    items: np.ndarray,
+    user: np.ndarray,
+    item: np.ndarray,
+    ts: np.ndarray,
+    category: np.ndarray,
+    n_pos: int,
+    ts_min: int,
+    bits: tuple[int, int, int] | None,
+    extra: dict[str, np.ndarray] | None = None,
+) -> None:
+    """Impressions whose first `n_pos` rows are the positives and the rest their negatives (user and
+    item codes), labelled and written in (user id string, time, item) order, positives and negatives
+    each in their own run as the protocols define."""
+    order = _order_in_runs(user, ts, item, [(0, n_pos), (n_pos, len(user))], ts_min, bits)
+    order = order[_string_order(user[order], names)]
+    columns = {
+        "user_id": user,
+        "item_id": items[item],
+        "category_id": category,
+        "timestamp": ts,
+        "label": np.r_[np.ones(n_pos, np.int8), np.zeros(len(user) - n_pos, np.int8)],
+        **(extra or {}),
+    }
+    sink.write_impressions(names, columns, order)
 
 
 def _dare_tables(
@@ -806,26 +824,23 @@ def _dare_tables(
     neg_target = np.repeat(target_at, DARE_NEGATIVES)
     neg_code, ok = _sample_negatives(user_code, item_code, user_code[neg_target], rng)
     neg_target, neg_code = neg_target[ok], neg_code[ok]
-    n_pos, n_neg = len(target_at), len(neg_target)
-    im_user = np.concatenate([pos_user, user_code[neg_target]])
-    im_item = np.concatenate([item_code[target_at], neg_code])
-    im_ts = np.concatenate([ts[target_at], ts[neg_target]])
-    order = _order_in_runs(im_user, im_ts, im_item, [(0, n_pos), (n_pos, n_pos + n_neg)], ts_min, bits)
-    order = order[_string_order(im_user[order], names)]
-    sink.write_impressions(
+    _write_impressions(
+        sink,
         names,
+        items,
+        np.concatenate([pos_user, user_code[neg_target]]),
+        np.concatenate([item_code[target_at], neg_code]),
+        np.concatenate([ts[target_at], ts[neg_target]]),
+        # the positive keeps the category of its own page view
+        np.concatenate([category[target_at], item_category[neg_code]]),
+        len(target_at),
+        ts_min,
+        bits,
         {
-            "user_id": im_user,
-            "item_id": items[im_item],
-            # the positive keeps the category of its own page view
-            "category_id": np.concatenate([category[target_at], item_category[neg_code]]),
-            "timestamp": im_ts,
-            "label": np.r_[np.ones(n_pos, np.int8), np.zeros(n_neg, np.int8)],
             "target_offset": np.concatenate(
                 [target_offset, np.repeat(target_offset, DARE_NEGATIVES)[ok]]
-            ).astype(np.int16),
+            ).astype(np.int16)
         },
-        order,
     )
 
 
