@@ -242,13 +242,15 @@ def _parity(path: str, history: Any, times: Any, candidates: Any, now: int, serv
 TAOBAO_ROWS_PER_USER = 101.4
 
 
-def _run_measured(argv: list[str]) -> tuple[float, float, str]:
+def _run_measured(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
     """(seconds, peak RSS MiB, stdout) of one child process: wait4 gives that child's own peak."""
     import os
     import subprocess
 
     t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, **(env or {})}
+    )
     out = proc.stdout.read() if proc.stdout else ""
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - t0
@@ -320,7 +322,6 @@ def train_section(args: argparse.Namespace, work: Path, rows: int) -> list[Row]:
     """`dare-serve train` of `dare` on the file's page-view impressions: impressions/s of the training
     steps (validation excluded) with 1 process and with 2 under torchrun (one thread each), and on a
     GPU when torch sees one. One epoch over `--train-samples` impressions; test AUC beside it."""
-    import os
     import shutil
     import socket
     import sys
@@ -347,12 +348,7 @@ def train_section(args: argparse.Namespace, work: Path, rows: int) -> list[Row]:
         out = work / "train-bundles"
         shutil.rmtree(out, ignore_errors=True)
         device = ["--device", "cuda" if name.startswith("cuda") else "cpu"]
-        os.environ.update(env)
-        try:
-            seconds, peak, stdout = _run_measured([*launcher, *common, *device, "--out", str(out)])
-        finally:
-            for key in env:
-                os.environ.pop(key, None)
+        seconds, peak, stdout = _run_measured([*launcher, *common, *device, "--out", str(out)], env)
         line = json.loads([x for x in stdout.splitlines() if x.startswith("{")][-1])
         results.append(
             {

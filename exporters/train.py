@@ -28,7 +28,7 @@ from scipy.special import expit
 from tqdm import tqdm
 
 from exporters.bundle import Bundle, item_rows, load_bundle
-from exporters.dataset import Dataset, read_dataset
+from exporters.dataset import Dataset, lookup, read_dataset
 from exporters.distributed import World, average_gradients, close_world, gather_parts, init_world
 from exporters.export import export_fm, export_ranker
 from exporters.features import time_buckets
@@ -204,17 +204,6 @@ def make_batch(
     return batch
 
 
-class Positions:
-    """Where each impression id sits in an array of distinct ids, looked up for a batch at once."""
-
-    def __init__(self, idx: np.ndarray) -> None:
-        self.order = np.argsort(idx, kind="stable")
-        self.sorted = idx[self.order]
-
-    def of(self, ids: np.ndarray) -> np.ndarray:
-        return self.order[np.searchsorted(self.sorted, ids)]
-
-
 def length_batches(
     s: Samples, idx: np.ndarray, batch_size: int, rng: np.random.Generator | None
 ) -> list[np.ndarray]:
@@ -308,7 +297,9 @@ def stage1_topk(ranker: TwoStageRanker, s: Samples, idx: np.ndarray, batch_size:
     -1 where a history has fewer than K behaviors."""
     k = ranker.cfg.top_k
     out = np.full((len(idx), k), -1, dtype=np.int64)
-    where = Positions(idx)
+    # each impression's place in idx, found for a whole batch at once
+    order = np.argsort(idx, kind="stable")
+    sorted_idx = idx[order]
     ranker.eval()
     with torch.no_grad():
         for bidx in length_batches(s, idx, batch_size, None):
@@ -323,7 +314,7 @@ def stage1_topk(ranker: TwoStageRanker, s: Samples, idx: np.ndarray, batch_size:
             n_hist = s.hist_end[bidx] - s.hist_start[bidx]
             hist_index = top + (start - s.hist_start[bidx])[:, None]
             hist_index = np.where(top < (n_hist - (start - s.hist_start[bidx]))[:, None], hist_index, -1)
-            out[where.of(bidx), : top.shape[1]] = hist_index
+            out[lookup(sorted_idx, order, bidx), : top.shape[1]] = hist_index
     return out
 
 
@@ -546,13 +537,15 @@ def _predict(
 ) -> np.ndarray:
     """Probabilities (or, with `logits`, the logits) of impressions idx, on the model's device."""
     out = np.zeros(len(idx), dtype=np.float64)
-    where = Positions(idx)
+    # each impression's place in idx, found for a whole batch at once
+    order = np.argsort(idx, kind="stable")
+    sorted_idx = idx[order]
     device = next(model.parameters()).device
     model.eval()
     with torch.no_grad():
         for bidx in length_batches(s, idx, batch_size, None):
             logit = _forward(model, make_batch(s, bidx, fm, fm_present).to(device))
-            out[where.of(bidx)] = logit.double().cpu().numpy()
+            out[lookup(sorted_idx, order, bidx)] = logit.double().cpu().numpy()
     return out if logits else expit(out)
 
 
