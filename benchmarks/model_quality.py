@@ -24,9 +24,15 @@ Sections:
   `--results docs/results/calibration.jsonl`, plus a reliability plot (`--plot`).
 - recency: dare-16 (`train` defaults otherwise) on ml-latest-small and ml-100k with stage 1 keeping
   the newest 16, 32 or 48 of its top-64 (`recent_k`) against none, and against the direct
-  time-bucket bias (`recency_prior` 1.0) alone: AUC, NE, MI-NDCG of the search against newest-first.
+  time-bucket bias (`recency_prior` 1.0) alone: AUC, NE, MI-NDCG of the search against newest-first;
+  and the short-term branch over the newest 16 (`short_term`) with 16 or 32 kept.
   `recency-synth`: the same settings on the default synthetic world. Written with `--section recency
   --results docs/results/recency.jsonl --out docs/recency.md`.
+- attention: dare-16 with stage 2's learned gain starting at 4 or 8 (`stage2_gain`,
+  `stage2_gain_init`) against none, on the independent and long synthetic worlds and both MovieLens
+  sets: AUC, NE, the effective number of behaviors attended, and (planted truth) the attention mass on
+  related behaviors against their share of the retrieved set. Written with `--section attention
+  --results docs/results/attention.jsonl --out docs/attention.md`.
 
 Every training result is appended to a JSON-lines file and reused on the next run, so a long run
 can be resumed; the markdown is rendered from whatever results exist (mean and sample standard
@@ -59,9 +65,14 @@ RECIPES: dict[str, dict[str, Any]] = {
     "recent-32": {"recent_k": 32},
     "recent-48": {"recent_k": 48},
     "prior-1": {"recency_prior": 1.0},
+    "short-16": {"recent_k": 16, "short_term": 16},
+    "recent-32-short-16": {"recent_k": 32, "short_term": 16},
+    "gain-4": {"stage2_gain": True, "stage2_gain_init": 4.0},
+    "gain-8": {"stage2_gain": True, "stage2_gain_init": 8.0},
 }
-RECENCY_RECIPES = ("full", "recent-16", "recent-32", "recent-48", "prior-1")
-SECTIONS = ("ablation", "sweep", "real", "long", "calibration", "recency", "recency-synth")
+RECENCY_RECIPES = ("full", "recent-16", "recent-32", "recent-48", "prior-1", "short-16", "recent-32-short-16")
+ATTENTION_RECIPES = ("full", "gain-4", "gain-8")
+SECTIONS = ("ablation", "sweep", "real", "long", "calibration", "recency", "recency-synth", "attention")
 LONG = "synth-independent-long"
 CALIBRATION_DATASETS = (
     "synth",
@@ -108,8 +119,11 @@ def runs_for(section: str) -> list[tuple[str, str, int, str]]:
         # the settings most likely chosen first, on every dataset, so that a partial run already
         # answers the question
         datasets = ("ml-100k", "ml-latest-small") if section == "recency" else ("synth",)
-        order = ("full", "recent-32", "recent-16", "prior-1", "recent-48")
+        order = ("full", "recent-32", "recent-16", "short-16", "recent-32-short-16", "prior-1", "recent-48")
         return [(d, "dare", 16, r) for r in order for d in datasets]
+    if section == "attention":
+        datasets = ("synth-independent", "ml-100k", "ml-latest-small", LONG)
+        return [(d, "dare", 16, r) for d in datasets for r in ATTENTION_RECIPES]
     if section == "long":
         # the ablation's key rows where histories are long enough that a top-64 is a small part of them
         return [(LONG, "dare", 16, "base"), (LONG, "dare", 16, "full"), (LONG, "coupled", 16, "full"),
@@ -149,6 +163,7 @@ def train_one(data: Path, work: Path, arm: str, dim: int, recipe: str, seed: int
     ret = m.get("retrieval") or {}
     planted, mi = ret.get("planted") or {}, ret.get("mi_ndcg") or {}
     raw, pop = m.get("uncalibrated") or m, m["popularity"]
+    attention = m.get("attention") or {}
     return {
         "auc": m["auc"],
         "gauc": m["gauc"],
@@ -164,7 +179,10 @@ def train_one(data: Path, work: Path, arm: str, dim: int, recipe: str, seed: int
         "pop_calibration": pop["calibration"],
         "pop_deciles": pop["calibration_deciles"],
         "stopped_by": r["stopped_by"],
-        "attended": (m.get("attention") or {}).get("effective_behaviors"),
+        "attended": attention.get("effective_behaviors"),
+        "retrieved": attention.get("retrieved_behaviors"),
+        "related_attention": attention.get("related_attention"),
+        "related_retrieved": attention.get("related_retrieved"),
         "lift": planted.get("lift_long"),
         "precision": planted.get("precision_at_k_long"),
         "base_rate": planted.get("base_rate_long"),
@@ -475,6 +493,30 @@ RECENCY_TITLE = "# Recency in stage 1: the newest behaviors always kept, against
 RECENCY_METRICS = (("auc", ".4f"), ("ne", ".4f"), ("mi_ndcg", ".3f"))
 
 
+def _setting_rows(
+    results: list[dict[str, Any]],
+    dataset: str,
+    recipes: tuple[str, ...],
+    metrics: tuple[tuple[str, str], ...],
+    extra: tuple[tuple[str, str], ...],
+) -> list[str]:
+    """One row per recipe of dare-16 on a dataset: each metric with its change from `full` paired by
+    seed, then the `extra` columns (key, format) as they are."""
+    lines = []
+    for recipe in recipes:
+        g = _group(results, dataset, "dare", 16, recipe)
+        if not g:
+            continue
+        cells = [recipe, str(len(g))]
+        for key, spec in metrics:
+            paired = _paired(results, dataset, ("dare", 16, recipe), ("dare", 16, "full"), key)
+            delta = "" if recipe == "full" else _diff(paired, spec).replace(f" ({len(g)} seeds)", "")
+            cells += [_stat(g, key, spec), delta]
+        cells += [_stat(g, key, spec) for key, spec in extra]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def render_recency(results: list[dict[str, Any]]) -> str:
     """Per dataset and setting: AUC, NE and MI-NDCG (long test impressions) against the newest-first
     ranking, with each metric's change from the search alone paired by seed."""
@@ -490,7 +532,10 @@ def render_recency(results: list[dict[str, Any]]) -> str:
         "",
         "dare, attention dim 16, top-64, `dare-serve train` defaults (`full`) but for: `recent-R`: "
         "stage 1 always keeps the newest R behaviors and searches the other 64 - R (`--recent-k R`); "
-        "`prior-1`: the direct time-bucket bias with `recency_prior` 1.0, no kept behaviors. MI-NDCG is "
+        "`prior-1`: the direct time-bucket bias with `recency_prior` 1.0, no kept behaviors; `short-16`: "
+        "16 kept and a short-term branch attending them with a softmax of their own beside the long-term "
+        "attention over all 64 (`--recent-k 16 --short-term 16`); `recent-32-short-16`: 32 kept, the "
+        "branch over the newest 16 of them. MI-NDCG is "
         "the DARE paper's retrieval measure on test impressions whose history exceeds 64 "
         "(docs/retrieval.md); newest-first is the same measure of the ranking that takes the newest 64.",
         "",
@@ -506,17 +551,59 @@ def render_recency(results: list[dict[str, Any]]) -> str:
             "| epochs |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for recipe in RECENCY_RECIPES:
-            g = _group(results, dataset, "dare", 16, recipe)
-            if not g:
-                continue
-            cells = [recipe, str(len(g))]
-            for key, spec in RECENCY_METRICS:
-                paired = _paired(results, dataset, ("dare", 16, recipe), ("dare", 16, "full"), key)
-                delta = "" if recipe == "full" else _diff(paired, spec).replace(f" ({len(g)} seeds)", "")
-                cells += [_stat(g, key, spec), delta]
-            cells += [_stat(g, "mi_ndcg_recency", ".3f"), _stat(g, "best_epoch", ".1f")]
-            lines.append("| " + " | ".join(cells) + " |")
+        extra = (("mi_ndcg_recency", ".3f"), ("best_epoch", ".1f"))
+        lines += _setting_rows(results, dataset, RECENCY_RECIPES, RECENCY_METRICS, extra)
+        lines.append("")
+    return "\n".join(lines)
+
+
+ATTENTION_TITLE = "# Stage 2's attention: how many behaviors it attends, and which"
+
+
+def render_attention(results: list[dict[str, Any]], oracles: dict[str, float]) -> str:
+    """Per dataset and gain: AUC, NE, effective behaviors attended against retrieved, and with the
+    planted truth the attention mass on related behaviors against their share of the retrieved set."""
+    seeds = sorted({r["seed"] for r in results})
+    lines = [
+        ATTENTION_TITLE,
+        "",
+        "Generated by `python -m benchmarks.model_quality --section attention --seeds 3 "
+        "--results docs/results/attention.jsonl --out docs/attention.md` on "
+        f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; seeds {seeds}. "
+        "Values are mean ± sample standard deviation over the seeds (a single value: one seed); "
+        "changes are paired by seed against `full`.",
+        "",
+        "dare, attention dim 16, top-64, `dare-serve train` defaults (`full`: stage 2's logits are the "
+        "stage-1 inner products over sqrt(16)) but for `gain-G`: a learned gain on stage 2's logits "
+        "starting at G (`stage2_gain`, `stage2_gain_init` G); stage 1's ranking does not depend on it. "
+        "Attended: the effective number of behaviors, exp(entropy of the weights), per test impression; "
+        "retrieved: the number of slots holding a behavior. Related mass: the attention weight on "
+        "planted-related behaviors; related share: their share of the retrieved slots (mass = share: "
+        "the attention tells them apart no better than mean pooling).",
+        "",
+    ]
+    metrics = (("auc", ".4f"), ("ne", ".4f"), ("attended", ".1f"))
+    extra = (
+        ("retrieved", ".1f"),
+        ("related_attention", ".3f"),
+        ("related_retrieved", ".3f"),
+        ("lift", ".2f"),
+        ("best_epoch", ".1f"),
+    )
+    for dataset, title in TITLES.items():
+        rows = [r for r in results if r["dataset"] == dataset and r["recipe"] in ATTENTION_RECIPES]
+        if not rows:
+            continue
+        lines += [
+            f"## {title}",
+            "",
+            "| setting | seeds | test AUC | ΔAUC | NE | ΔNE | attended | Δattended | retrieved "
+            "| related mass | related share | lift | epochs |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        lines += _setting_rows(results, dataset, ATTENTION_RECIPES, metrics, extra)
+        if dataset in oracles:
+            lines += ["", f"Lift of a perfect stage 1 (related first): {oracles[dataset]:.2f}."]
         lines.append("")
     return "\n".join(lines)
 
@@ -566,6 +653,8 @@ def main() -> None:
             oracles[name] = lift
     if set(sections) <= {"recency", "recency-synth"}:
         args.out.write_text(render_recency(results))
+    elif sections == ["attention"]:
+        args.out.write_text(render_attention(results, oracles))
     elif sections == ["calibration"]:
         args.out.write_text(render(results, costs, oracles, CALIBRATION_TITLE, CALIBRATION_INTRO))
     else:

@@ -55,11 +55,21 @@ class RankerConfig:
     # A learned gain on stage 2's attention logits (exp of a scalar, starting at 1): stage 1's
     # ranking does not depend on it, so stage 2 can sharpen its softmax without moving the search.
     stage2_gain: bool = False
+    # Where stage 2's learned gains start (the long-term one with stage2_gain, and the short-term
+    # branch's). At 1 the logits are <a_t, a_b> / sqrt(d_a) of unit-norm vectors, a few tenths wide:
+    # a near-uniform softmax that a gain learned at Adam's pace leaves flat within the few epochs
+    # training runs.
+    stage2_gain_init: float = 1.0
     # Stage 1 always keeps the newest `recent_k` behaviors of the history (the last positions of a
     # sequence ordered oldest first) and searches the other top_k - recent_k among the older ones.
     # The learned time bias alone did not pull recent behaviors up on real data (docs/retrieval.md).
     # 0 (pure search) in bundles trained before it.
     recent_k: int = 0
+    # A short-term branch: a second target attention, with its own softmax and gain, over stage 1's
+    # first `short_term` slots, which `recent_k` fills with the newest behaviors, newest first; its
+    # pooled interest joins the head beside the long-term one (as SIM, TWIN and ETA keep the newest
+    # behaviors in a branch of their own). Needs short_term <= recent_k. 0 (no branch) before it.
+    short_term: int = 0
 
     def __post_init__(self) -> None:
         if self.kind == "coupled":
@@ -67,6 +77,11 @@ class RankerConfig:
             self.attention_dim = self.representation_dim
         if not 0 <= self.recent_k <= self.top_k:
             raise ValueError(f"recent_k must be in [0, top_k={self.top_k}], got {self.recent_k}")
+        if not 0 <= self.short_term <= self.recent_k:
+            raise ValueError(
+                f"short_term must be in [0, recent_k={self.recent_k}] (the branch reads the slots "
+                f"stage 1 keeps by recency), got {self.short_term}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -168,14 +183,24 @@ class TwoStageRanker(nn.Module):
         if cfg.recency_prior is not None:
             doublings = torch.arange(cfg.n_time_buckets, dtype=torch.float32) / 2.0
             self.bucket_bias = nn.Parameter(-cfg.recency_prior * doublings / 25.0)
+        if cfg.stage2_gain_init <= 0:
+            raise ValueError(f"stage2_gain_init must be > 0, got {cfg.stage2_gain_init}")
         if cfg.stage2_gain:
-            self.log_stage2_gain = nn.Parameter(torch.zeros(()))
+            self.log_stage2_gain = nn.Parameter(torch.tensor(math.log(cfg.stage2_gain_init)))
+        if cfg.short_term:
+            self.log_short_gain = nn.Parameter(torch.tensor(math.log(cfg.stage2_gain_init)))
         self.scale = 1.0 / math.sqrt(d_a)
         fm_in = 0
         if cfg.fm_dim:
             self.fm_proj = nn.Linear(cfg.fm_dim, d_r)
             fm_in = d_r + 1
-        self.head = _mlp([2 * d_r + 2 + fm_in, *cfg.mlp, 1])
+        self.head = _mlp([self.candidate_features() + fm_in, *cfg.mlp, 1])
+
+    def candidate_features(self) -> int:
+        """Width of the head's per-candidate input: the target, the long-term interest, its mass and
+        history flag, and with a short-term branch its interest and mass."""
+        d_r = self.cfg.representation_dim
+        return 2 * d_r + 2 + (d_r + 1 if self.cfg.short_term else 0)
 
     # -- stage 1 -------------------------------------------------------------------------------
     def attention_vectors(self, rows: torch.Tensor) -> torch.Tensor:
@@ -196,6 +221,10 @@ class TwoStageRanker(nn.Module):
         if self.cfg.stage2_gain:
             return self.scale * torch.exp(self.log_stage2_gain)
         return self.scale
+
+    def short_term_scale(self) -> torch.Tensor:
+        """What the short-term branch multiplies the raw attention logits by."""
+        return self.scale * torch.exp(self.log_short_gain)
 
     def attention_logits(
         self, target_rows: torch.Tensor, beh_rows: torch.Tensor, beh_buckets: torch.Tensor
@@ -277,9 +306,8 @@ class TwoStageRanker(nn.Module):
         fm_present: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Logit [N] and attention weights [N, K] from the retrieved behaviors."""
-        logits = self.attention_logits(target_rows, beh_rows, beh_buckets)
-        if self.cfg.stage2_gain:
-            logits = logits * torch.exp(self.log_stage2_gain)
+        scaled = self.attention_logits(target_rows, beh_rows, beh_buckets)
+        logits = scaled * torch.exp(self.log_stage2_gain) if self.cfg.stage2_gain else scaled
         mask = beh_mask.to(logits.dtype)
         masked = logits.masked_fill(beh_mask <= 0, _MASKED)
         weights = torch.softmax(masked, dim=1) * mask
@@ -295,6 +323,16 @@ class TwoStageRanker(nn.Module):
         )
         interest = (weights.unsqueeze(-1) * r_b).sum(1) * r_t
         parts = [r_t, interest, mass, has_history]
+        if self.cfg.short_term:
+            # the same logits under the branch's own gain, softmaxed over the first slots only: stage 1
+            # puts the newest behaviors there (fewer with a shorter history: the rest is padding)
+            n = self.cfg.short_term
+            short = mask[:, :n]
+            short_masked = (scaled[:, :n] * torch.exp(self.log_short_gain)).masked_fill(short <= 0, _MASKED)
+            short_weights = torch.softmax(short_masked, dim=1) * short
+            has_short = (short.sum(1, keepdim=True) > 0).to(logits.dtype)
+            short_mass = torch.logsumexp(short_masked, dim=1, keepdim=True) * has_short
+            parts += [(short_weights.unsqueeze(-1) * r_b[:, :n]).sum(1) * r_t, short_mass]
         if self.cfg.fm_dim:
             if fm is None or fm_present is None:
                 raise ValueError("this ranker takes an FM embedding and its presence flag")

@@ -40,6 +40,23 @@ def item_representations(ranker: TwoStageRanker) -> torch.Tensor:
         return ranker.repr_item(rows) + ranker.repr_cat(ranker.row_category[rows])
 
 
+def attend(logits: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax weights [..., K] of scaled logits over the slots where mask > 0, the log of their
+    normaliser [..., 1] (0 without any slot) and whether there is a slot [..., 1].
+
+    Softmax and logsumexp written out, sharing one max and one sum of exponentials: ORT's
+    ReduceLogSumExp alone took about 3x its Softmax.
+    """
+    masked = logits.masked_fill(mask <= 0, _MASKED)
+    top = masked.amax(-1, keepdim=True)
+    exp = torch.exp(masked - top)
+    total = exp.sum(-1, keepdim=True)
+    weights = exp / total * mask
+    # as in stage 2: the log of the normaliser keeps how much relevant history there is
+    has_history = (mask.sum(-1, keepdim=True) > 0).to(logits.dtype)
+    return weights, (top + torch.log(total)) * has_history, has_history
+
+
 class Stage2Graph(nn.Module):
     """Stage 2 over a batch of requests; a snapshot of an eval-mode ranker's weights, for export.
 
@@ -74,7 +91,7 @@ class Stage2Graph(nn.Module):
             first = ranker.head[0]
             if not isinstance(first, nn.Linear):
                 raise TypeError(f"the ranker head must start with nn.Linear, found {type(first).__name__}")
-            per_candidate = 2 * ranker.cfg.representation_dim + 2
+            per_candidate = ranker.candidate_features()
             with torch.no_grad():
                 weight = first.weight.detach()
                 self.register_buffer("head_candidate", weight[:, :per_candidate].T.contiguous())
@@ -93,22 +110,19 @@ class Stage2Graph(nn.Module):
         *fm_inputs: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         r = self.ranker
-        masked = (scores * r.stage2_scale()).masked_fill(mask <= 0, _MASKED)
-        # softmax and logsumexp written out, sharing one max and one sum of exponentials: ORT's
-        # ReduceLogSumExp alone took about 3x its Softmax
-        top = masked.amax(-1, keepdim=True)
-        exp = torch.exp(masked - top)
-        total = exp.sum(-1, keepdim=True)
-        weights = exp / total * mask
-        # as in stage 2: the log of the normaliser keeps how much relevant history there is
-        has_history = (mask.sum(-1, keepdim=True) > 0).to(scores.dtype)
-        mass = (top + torch.log(total)) * has_history
+        weights, mass, has_history = attend(scores * r.stage2_scale(), mask)
 
         # one representation per distinct behavior: [B, U, d]
         r_b = self.item_repr[behaviors] + r.repr_time(buckets)
         pooled = self.pool(weights, r_b, retrieved)
         r_t = self.item_repr[candidates]
-        features = torch.cat([r_t, pooled * r_t, mass, has_history], dim=-1)
+        parts = [r_t, pooled * r_t, mass, has_history]
+        if r.cfg.short_term:
+            # the short-term branch: its own softmax over the first slots, where stage 1 put the newest
+            n = r.cfg.short_term
+            short_weights, short_mass, _ = attend(scores[..., :n] * r.short_term_scale(), mask[..., :n])
+            parts += [self.pool(short_weights, r_b, retrieved[..., :n]) * r_t, short_mass]
+        features = torch.cat(parts, dim=-1)
         if r.cfg.fm_dim:
             if len(fm_inputs) != 2:
                 raise ValueError("this ranker takes an FM embedding and its presence flag")

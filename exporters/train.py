@@ -94,8 +94,11 @@ class TrainConfig:
     # (models.RankerConfig); off by default until measured over seeds on every dataset
     recency_prior: float | None = None
     stage2_gain: bool = False
+    stage2_gain_init: float = 1.0
     # stage 1 always keeps this many newest behaviors (models.RankerConfig.recent_k)
     recent_k: int = 0
+    # a short-term branch over the newest of those (models.RankerConfig.short_term)
+    short_term: int = 0
     # where training runs: auto (CUDA when present), cpu, cuda
     device: str = "auto"
     # item tables with sparse row gradients and a row-wise (lazy) Adam: a step then costs the same at
@@ -319,37 +322,72 @@ def stage1_topk(ranker: TwoStageRanker, s: Samples, idx: np.ndarray, batch_size:
 
 
 def attention_report(
-    ranker: TwoStageRanker, s: Samples, idx: np.ndarray, batch_size: int
+    ranker: TwoStageRanker,
+    s: Samples,
+    idx: np.ndarray,
+    batch_size: int,
+    related: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, float]:
     """How peaked stage 2's attention is on impressions idx: the effective number of behaviors
-    attended, exp(entropy of the weights), against the number retrieved (equal: mean pooling)."""
-    effective, retrieved = [], []
+    attended, exp(entropy of the weights), against the number retrieved (equal: mean pooling).
+
+    With the planted truth (`related`: CSR over impressions of related event positions), also where
+    the attention goes: its mean mass on related behaviors against the related share of the
+    retrieved set (equal: attention no better than pooling at telling them apart).
+    """
+    effective, retrieved, on_related, share_related = [], [], [], []
     ranker.eval()
     with torch.no_grad():
         for bidx in length_batches(s, idx, batch_size, None):
-            b = make_batch(s, bidx)
-            top = ranker.search(b.target, b.hist_rows, b.hist_buckets, b.hist_mask)
-            mask = torch.gather(b.hist_mask, 1, top)
+            rows, buckets, hmask, start = history_arrays(s, bidx)
+            target = torch.from_numpy(s.target_row[bidx])
+            hist_rows, hist_buckets = torch.from_numpy(rows), torch.from_numpy(buckets)
+            hist_mask = torch.from_numpy(hmask)
+            top = ranker.search(target, hist_rows, hist_buckets, hist_mask)
+            mask = torch.gather(hist_mask, 1, top)
             fm = torch.zeros(len(bidx), ranker.cfg.fm_dim) if ranker.cfg.fm_dim else None
             present = torch.zeros(len(bidx)) if ranker.cfg.fm_dim else None
             _, w = ranker.stage2(
-                b.target,
-                torch.gather(b.hist_rows, 1, top),
-                torch.gather(b.hist_buckets, 1, top),
+                target,
+                torch.gather(hist_rows, 1, top),
+                torch.gather(hist_buckets, 1, top),
                 mask,
                 fm,
                 present,
             )
             ent = -(w * torch.log(w.clamp_min(1e-30))).sum(1)
-            keep = mask.sum(1) > 0
-            effective.append(torch.exp(ent)[keep].numpy())
-            retrieved.append(mask.sum(1)[keep].double().numpy())
+            keep = (mask.sum(1) > 0).numpy()
+            effective.append(torch.exp(ent).numpy()[keep])
+            retrieved.append(mask.sum(1).double().numpy()[keep])
+            if related is not None:
+                is_related = slot_is_related(related, bidx, start[:, None] + top.numpy()) & mask.numpy()
+                on_related.append((w.double().numpy() * is_related).sum(1)[keep])
+                share_related.append(is_related.sum(1)[keep] / retrieved[-1])
     eff, n = np.concatenate(effective), np.concatenate(retrieved)
-    return {
+    report = {
         "effective_behaviors": float(eff.mean()) if len(eff) else float("nan"),
         "retrieved_behaviors": float(n.mean()) if len(n) else float("nan"),
         "effective_share": float((eff / n).mean()) if len(n) else float("nan"),
     }
+    if related is not None:
+        mass, share = np.concatenate(on_related), np.concatenate(share_related)
+        report["related_attention"] = float(mass.mean()) if len(mass) else float("nan")
+        report["related_retrieved"] = float(share.mean()) if len(share) else float("nan")
+    return report
+
+
+def slot_is_related(
+    related: tuple[np.ndarray, np.ndarray], idx: np.ndarray, events: np.ndarray
+) -> np.ndarray:
+    """[N, k] bool: whether the event at each slot's position in `events` [N, k] (absolute positions in
+    the samples' event arrays) is one of impression idx[i]'s related events."""
+    indptr, positions = related
+    counts = indptr[idx + 1] - indptr[idx]
+    owner = np.repeat(np.arange(len(idx), dtype=np.int64), counts)
+    wanted = csr_take(indptr, positions, idx)[1]
+    stride = int(max(events.max(initial=0), wanted.max(initial=0))) + 1
+    slots = np.arange(len(idx), dtype=np.int64)[:, None] * stride + events
+    return np.isin(slots, owner * stride + wanted)
 
 
 def retrieval_report(
@@ -757,7 +795,9 @@ def _train(cfg: TrainConfig, device: torch.device, world: World) -> dict[str, An
             item_dropout=cfg.item_dropout,
             recency_prior=cfg.recency_prior,
             stage2_gain=cfg.stage2_gain,
+            stage2_gain_init=cfg.stage2_gain_init,
             recent_k=cfg.recent_k,
+            short_term=cfg.short_term,
         )
         model = TwoStageRanker(rcfg, vocab.row_category)
 
@@ -811,7 +851,7 @@ def _train(cfg: TrainConfig, device: torch.device, world: World) -> dict[str, An
         metrics["retrieval"] = retrieval_report(
             model, s, vocab, train_idx, test_idx, related, cfg.batch_size * 2
         )
-        metrics["attention"] = attention_report(model, s, test_idx, cfg.batch_size * 2)
+        metrics["attention"] = attention_report(model, s, test_idx, cfg.batch_size * 2, related)
 
     metrics = nan_to_none(metrics)
     variant = cfg.variant or cfg.model

@@ -58,6 +58,9 @@ def train(
     recent_k: int = typer.Option(
         0, help="of the top-k, the newest behaviors always kept; stage 1 searches the rest (0: all searched)"
     ),
+    short_term: int = typer.Option(
+        0, help="a short-term branch attending the newest N of the kept behaviors (N <= --recent-k; 0: none)"
+    ),
     max_seq_len: int = typer.Option(
         2000, help="training window: history events per impression (most recent); serving searches deeper"
     ),
@@ -114,6 +117,7 @@ def train(
         representation_dim=representation_dim,
         top_k=top_k,
         recent_k=recent_k,
+        short_term=short_term,
         device=device,
         sparse_tables=sparse_tables,
         max_seq_len=max_seq_len,

@@ -407,17 +407,28 @@ def test_row_lookup_matches_the_binary_search(ids: list[int], dense: bool) -> No
 
 
 @pytest.mark.parametrize(
-    "kind,fm_dim,recent_k", [("dare", 0, 3), ("dare", 3, 1), ("coupled", 0, 5), ("dare", 3, K)]
+    "kind,fm_dim,recent_k,short_term",
+    [
+        ("dare", 0, 3, 0),
+        ("dare", 3, 1, 0),
+        ("coupled", 0, 5, 0),
+        ("dare", 3, K, 0),
+        # with the short-term branch over the newest of the kept behaviors
+        ("dare", 0, 3, 3),
+        ("dare", 3, 5, 2),
+        ("coupled", 3, K, K),
+    ],
 )
 def test_served_stages_keeping_the_newest_match_pytorch(
-    tmp_path: Path, kind: str, fm_dim: int, recent_k: int
+    tmp_path: Path, kind: str, fm_dim: int, recent_k: int, short_term: int
 ) -> None:
     """The service's stage 1 and stage 2 (`prepare_job`, `score_jobs`) against the PyTorch model of
-    a ranker that always keeps its newest behaviors."""
-    model = _ranker(kind, fm_dim, recent_k=recent_k)
+    a ranker that always keeps its newest behaviors (and attends some of them in a branch of their own)."""
+    model = _ranker(kind, fm_dim, recent_k=recent_k, short_term=short_term)
     path = _export(model, tmp_path)
     served = ScoringModel.from_bundle(load_bundle(path))
     assert served.recent_k == recent_k and load_torch_model(path).cfg.recent_k == recent_k
+    assert load_torch_model(path).cfg.short_term == short_term
     rng = np.random.default_rng(2)
     now = 1_700_000_000
     raw_candidates = np.r_[_item_ids()[rng.integers(1, N_ITEMS, 9)], 5]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Literal
 
 import numpy as np
@@ -163,3 +164,76 @@ def test_recent_k_must_fit_in_top_k() -> None:
     for bad in (-1, TOP_K + 1):
         with pytest.raises(ValueError, match="recent_k"):
             RankerConfig("dare", N_ITEMS, N_CATEGORIES, top_k=TOP_K, recent_k=bad)
+
+
+def test_short_term_must_fit_in_recent_k() -> None:
+    for bad in (-1, 5):
+        with pytest.raises(ValueError, match="short_term"):
+            RankerConfig("dare", N_ITEMS, N_CATEGORIES, top_k=TOP_K, recent_k=4, short_term=bad)
+
+
+def _softmax_oracle(logits: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax over the slots where mask is 1 and log of its normaliser (0 with no slot), in float64."""
+    z = np.where(mask > 0, logits, -np.inf)
+    top = np.max(z, axis=1, keepdims=True, initial=-np.inf)
+    has = mask.sum(1, keepdims=True) > 0
+    e = np.where(mask > 0, np.exp(z - np.where(has, top, 0.0)), 0.0)
+    total = e.sum(1, keepdims=True)
+    weights = np.divide(e, total, out=np.zeros_like(e), where=has)
+    mass = np.where(has, top + np.log(np.where(has, total, 1.0)), 0.0)
+    return weights, mass
+
+
+@pytest.mark.parametrize("kind", ["dare", "coupled"])
+def test_short_term_branch_matches_a_numpy_oracle(kind: Literal["dare", "coupled"]) -> None:
+    """Stage 2 with a short-term branch: the head sees [target, long-term interest, its mass, history
+    flag, short-term interest, its mass], the short-term softmax over the first n slots only under
+    its own gain."""
+    torch.manual_seed(3)
+    rng = np.random.default_rng(3)
+    n = 4
+    cfg = RankerConfig(kind, N_ITEMS, N_CATEGORIES, 8, 8, TOP_K, recent_k=6, short_term=n, stage2_gain=True)
+    model = TwoStageRanker(cfg, rng.integers(0, N_CATEGORIES, N_ITEMS)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.4)
+    rows = torch.from_numpy(rng.integers(1, N_ITEMS, (6, TOP_K)))
+    buckets = torch.from_numpy(rng.integers(0, 5, (6, TOP_K)))
+    # full rows, a row with fewer behaviors than n, a cold row, and gaps past the short-term slots
+    lengths = np.array([TOP_K, TOP_K, 2, 0, 9, n])
+    mask = torch.from_numpy(np.arange(TOP_K)[None, :] < lengths[:, None])
+    target = torch.from_numpy(rng.integers(1, N_ITEMS, 6))
+    with torch.no_grad():
+        logit, weights = model.stage2(target, rows, buckets, mask)
+        raw = model.attention_logits(target, rows, buckets).double().numpy() / model.scale
+        r_t = (model.repr_item(target) + model.repr_cat(model.row_category[target])).double().numpy()
+        r_b = (
+            (model.repr_item(rows) + model.repr_cat(model.row_category[rows]) + model.repr_time(buckets))
+            .double()
+            .numpy()
+        )
+        gain, short_gain = np.exp(model.log_stage2_gain.item()), np.exp(model.log_short_gain.item())
+    m = mask.numpy().astype(np.float64)
+    w, mass = _softmax_oracle(raw * model.scale * gain, m)
+    ws, short_mass = _softmax_oracle(raw[:, :n] * model.scale * short_gain, m[:, :n])
+    features = np.concatenate(
+        [
+            r_t,
+            np.einsum("nk,nkd->nd", w, r_b) * r_t,
+            mass,
+            (m.sum(1, keepdims=True) > 0).astype(np.float64),
+            np.einsum("nk,nkd->nd", ws, r_b[:, :n]) * r_t,
+            short_mass,
+        ],
+        axis=1,
+    )
+    with torch.no_grad():
+        want = copy.deepcopy(model.head).double()(torch.from_numpy(features)).squeeze(-1).numpy()
+    np.testing.assert_allclose(weights.numpy(), w, atol=1e-6)
+    np.testing.assert_allclose(logit.numpy(), want, rtol=1e-5, atol=1e-5)
+    assert model.candidate_features() == 3 * 8 + 3
+    # the branch's gain reaches the score of every row with two or more short-term slots, and only theirs
+    with torch.no_grad():
+        model.log_short_gain += 1.0
+        moved = model.stage2(target, rows, buckets, mask)[0].numpy() != logit.numpy()
+    assert moved.tolist() == [True, True, True, False, True, True]

@@ -28,6 +28,9 @@ def test_results_line_and_bundles(tiny_models: TinyModels) -> None:
         planted, mi = m["retrieval"]["planted"], m["retrieval"]["mi_ndcg"]
         assert 0.0 <= planted["base_rate"] <= 1.0 and 0.0 <= planted["precision_at_k"] <= 1.0
         assert planted["k"] == mi["k"] == 16 and mi["n_impressions"] > 0
+        att = m["attention"]
+        assert 1.0 <= att["effective_behaviors"] <= att["retrieved_behaviors"] <= 16
+        assert 0.0 <= att["related_retrieved"] <= 1.0 and 0.0 <= att["related_attention"] <= 1.0
         b = load_bundle(r["bundle"])
         assert b.manifest.model == model and b.manifest.fm_version == "fm:1"
         assert b.manifest.dims.attention == (8 if model == "dare" else 16)
@@ -179,3 +182,25 @@ def test_offline_model_matches_bundle_graph(tiny_models: TinyModels) -> None:
     }
     got = bundle.session.run(None, feeds)[0][0]
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_slot_is_related_against_a_loop() -> None:
+    from exporters.train import slot_is_related
+
+    rng = np.random.default_rng(0)
+    n_imp, k = 7, 5
+    sets = [sorted(set(rng.integers(0, 40, rng.integers(0, 6)).tolist())) for _ in range(n_imp)]
+    indptr = np.r_[0, np.cumsum([len(x) for x in sets])].astype(np.int64)
+    positions = np.array([p for x in sets for p in x], np.int64)
+    idx = np.array([6, 0, 3, 3], np.int64)
+    events = rng.integers(0, 40, (len(idx), k))
+    events[1, :2] = sets[0][:2] if len(sets[0]) >= 2 else events[1, :2]
+    want = np.array([[e in sets[i] for e in row] for i, row in zip(idx, events, strict=True)])
+    np.testing.assert_array_equal(slot_is_related((indptr, positions), idx, events), want)
+
+
+def test_short_term_branch_trains_and_is_served(tiny_data: Path, tmp_path: Path) -> None:
+    r = train_tiny(tiny_data, "dare", tmp_path, recent_k=6, short_term=4, fm_bundle=None, fm_dim=0)
+    bundle = load_bundle(r["bundle"])
+    assert bundle.manifest.config["recent_k"] == 6 and bundle.manifest.config["short_term"] == 4
+    assert 0.5 < r["auc"] < 1.0
