@@ -28,7 +28,7 @@ Sections:
   and the short-term branch over the newest 16 (`short_term`) with 16 or 32 kept.
   `recency-synth`: the same settings on the default synthetic world. Written with `--section recency
   --results docs/results/recency.jsonl --out docs/recency.md`.
-- attention: dare-16 with stage 2's learned gain starting at 4 or 8 (`stage2_gain`,
+- attention: dare-16 with stage 2's learned gain starting at 4 or 16 (`stage2_gain`,
   `stage2_gain_init`) against none, on the independent and long synthetic worlds and both MovieLens
   sets: AUC, NE, the effective number of behaviors attended, and (planted truth) the attention mass on
   related behaviors against their share of the retrieved set. Written with `--section attention
@@ -68,10 +68,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     "short-16": {"recent_k": 16, "short_term": 16},
     "recent-32-short-16": {"recent_k": 32, "short_term": 16},
     "gain-4": {"stage2_gain": True, "stage2_gain_init": 4.0},
-    "gain-8": {"stage2_gain": True, "stage2_gain_init": 8.0},
+    "gain-16": {"stage2_gain": True, "stage2_gain_init": 16.0},
 }
 RECENCY_RECIPES = ("full", "recent-16", "recent-32", "recent-48", "prior-1", "short-16", "recent-32-short-16")
-ATTENTION_RECIPES = ("full", "gain-4", "gain-8")
+ATTENTION_RECIPES = ("full", "gain-4", "gain-16")
 SECTIONS = ("ablation", "sweep", "real", "long", "calibration", "recency", "recency-synth", "attention")
 LONG = "synth-independent-long"
 CALIBRATION_DATASETS = (
@@ -427,6 +427,11 @@ def render(
         "that is related, over the base rate, on test impressions whose history exceeds 64. MI-NDCG is "
         "the DARE paper's retrieval measure (docs/retrieval.md).",
         "",
+        "Other sections write their own pages: whether the scores are probabilities "
+        "([calibration.md](calibration.md), `--section calibration`), recency in stage 1 and the "
+        "short-term branch ([recency.md](recency.md), `--section recency`), and how peaked stage 2's "
+        "attention is and where it goes ([attention.md](attention.md), `--section attention`).",
+        "",
     ]
     lines += comparisons(results)
     header = (
@@ -612,6 +617,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--section", action="append", choices=SECTIONS, default=None)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument(
+        "--recipe", action="append", choices=list(RECIPES), default=None, help="only these recipes (repeated)"
+    )
     ap.add_argument("--work", type=Path, default=Path(".dare/model-quality"))
     ap.add_argument("--results", type=Path, default=None, help="JSON lines (default: WORK/results.jsonl)")
     ap.add_argument("--shared", type=Path, default=Path("../shared/data"))
@@ -634,7 +642,7 @@ def main() -> None:
             for seed in range(args.seeds)
             for section in sections
             for run in runs_for(section)
-            if (*run, seed) not in done
+            if (*run, seed) not in done and (args.recipe is None or run[3] in args.recipe)
         ]
         todo = list(dict.fromkeys(todo))
         for i, (dataset, arm, dim, recipe, seed) in enumerate(todo, 1):

@@ -8,6 +8,10 @@ Sections (each measured in a fresh process where peak memory matters):
 - train: training impressions/s on the CPU with 1 and 2 processes (and on a GPU when present).
 - ingest: `dare-serve ingest` of the converted events into a fresh redis-server: events/s and Redis
   memory per event.
+- protocol: the DARE paper's protocol (`data convert --protocol dare`: users with >= 210 page views,
+  the newest 200 behaviors as history, item-frequency negatives) and its training settings (K = 20,
+  batch 2,048, 2 epochs), `dare` (d_a = 16) against `coupled` (d = 64), over `--seeds` seeds: test AUC,
+  GAUC, logloss, NE, impressions/s and run time.
 - bundle: a ranker bundle with a catalogue of the given size (random weights): export time, bundle
   size, load time (checksums included), service start-up time and RSS with two variants, one
   request's p50 through HTTP.
@@ -365,6 +369,59 @@ def train_section(args: argparse.Namespace, work: Path, rows: int) -> list[Row]:
     return results
 
 
+def _protocol_folder(work: Path, rows: int) -> Path:
+    """The file converted with the DARE paper's protocol, made once per work folder."""
+    data = work / "train-dare-protocol"
+    if not (data / "meta.json").is_file():
+        csv = str(_taobao_csv(work, rows))
+        argv = [_cli(), "data", "convert", "--format", "taobao", "--path", csv, "--out", str(data)]
+        _run_measured([*argv, "--protocol", "dare"])
+    return data
+
+
+# The reference training settings of the paper's Taobao runs: K = 20 retrieved, batch 2,048, 2 epochs.
+PROTOCOL_TRAIN = ["--top-k", "20", "--batch-size", "2048", "--epochs", "2"]
+PROTOCOL_ARMS = (("dare", ["--attention-dim", "16"]), ("coupled", ["--representation-dim", "64"]))
+
+
+def protocol_section(args: argparse.Namespace, work: Path, rows: int) -> list[Row]:
+    """`dare` and `coupled` trained on the DARE protocol's impressions with the paper's settings, one
+    process with 2 threads per run, `--seeds` seeds each: quality and time at this size."""
+    import shutil
+
+    data = _protocol_folder(work, rows)
+    meta = json.loads((data / "meta.json").read_text())
+    results: list[Row] = []
+    for seed in range(args.seeds):
+        for arm, dims in PROTOCOL_ARMS:
+            out = work / "protocol-bundles"
+            shutil.rmtree(out, ignore_errors=True)
+            argv = [_cli(), "train", "--data", str(data), "--model", arm, *dims, *PROTOCOL_TRAIN]
+            argv += ["--seed", str(seed), "--no-progress", "--device", "cpu", "--out", str(out)]
+            seconds, peak, stdout = _run_measured(argv, {"DARE_TRAIN_THREADS": "2"})
+            line = json.loads([x for x in stdout.splitlines() if x.startswith("{")][-1])
+            m = line["metrics"]
+            results.append(
+                {
+                    "arm": arm,
+                    "seed": seed,
+                    "impressions": meta.get("impressions"),
+                    "test_auc": round(line["auc"], 4),
+                    "test_gauc": round(line["gauc"], 4),
+                    "logloss": round(line["logloss"], 4),
+                    "ne": round(m["ne"], 4),
+                    "popularity_logloss": round(m["popularity"]["logloss"], 4),
+                    "impressions_per_s": round(line["impressions_per_s"]),
+                    "best_epoch": line["best_epoch"],
+                    "train_seconds": line["train_seconds"],
+                    "run_seconds": round(seconds, 1),
+                    "peak_rss_mib": round(peak),
+                }
+            )
+            shutil.rmtree(out, ignore_errors=True)
+    return results
+
+
 def ingest_section(args: argparse.Namespace, work: Path, rows: int) -> list[Row]:
     """`dare-serve ingest` of the file's events (page-view protocol folder) into a fresh
     redis-server on a loopback port: events/s and Redis memory per event, in a child process."""
@@ -405,6 +462,7 @@ SECTIONS: dict[str, Callable[[argparse.Namespace, Path, int], list[Row]]] = {
     "train": train_section,
     "ingest": ingest_section,
     "bundle": bundle_section,
+    "protocol": protocol_section,
 }
 
 
@@ -454,6 +512,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / ".dare/scale")
     ap.add_argument("--fresh", action="store_true", help="measure again what the results file holds")
     ap.add_argument("--train-samples", type=int, default=300_000, help="train: impressions of the one epoch")
+    ap.add_argument("--seeds", type=int, default=3, help="protocol: seeds per arm")
     ap.add_argument(
         "--items", type=int, default=TAOBAO_ITEMS, help="bundle: catalogue size (default Taobao's)"
     )
