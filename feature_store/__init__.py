@@ -11,7 +11,8 @@ from feature_store.errors import (
     FeatureStoreUnavailable,
     InvalidFeatureData,
 )
-from feature_store.factory import open_feature_store
+from feature_store.factory import open_feature_store, open_log_store
+from feature_store.log_store import InMemoryLogStore, LogEntry, LogStore, RedisLogStore
 from feature_store.memory_store import InMemoryFeatureStore
 from feature_store.redis_store import RedisFeatureStore
 
@@ -23,10 +24,15 @@ __all__ = [
     "FmLookup",
     "FmStatus",
     "InMemoryFeatureStore",
+    "InMemoryLogStore",
     "InvalidFeatureData",
+    "LogEntry",
+    "LogStore",
     "RedisFeatureStore",
+    "RedisLogStore",
     "StoreStats",
     "UserFeatures",
     "UserSequence",
     "open_feature_store",
+    "open_log_store",
 ]

@@ -19,6 +19,8 @@ _EMPTY_TAG = b"%"
 # The first part of every key: no brace (it would open the hash tag), no blank or control byte.
 # Always applied with fullmatch, which (unlike `$`) also refuses a trailing newline.
 NAMESPACE_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+LOG_STREAMS = ("impressions", "events")
+"""The log streams: what each arm served (impressions), and the behaviors that followed (events)."""
 
 
 def is_namespace(name: str) -> bool:
@@ -44,7 +46,8 @@ def decode_user_id(tag: bytes) -> str:
 
 @dataclass(frozen=True, slots=True)
 class KeySpace:
-    """Builds the keys of one namespace: `<ns>:seq:{<uid>}`, `<ns>:fm:{<uid>}`, `<ns>:fm:active`."""
+    """Builds the keys of one namespace: `<ns>:seq:{<uid>}`, `<ns>:fm:{<uid>}`, `<ns>:fm:active`,
+    and the log streams `<ns>:log:impressions`, `<ns>:log:events`."""
 
     namespace: str = "dare"
     _prefix: bytes = field(init=False, repr=False, compare=False)
@@ -66,3 +69,9 @@ class KeySpace:
     def fm_active(self) -> bytes:
         """Key of the active FM version pointer (a string)."""
         return b"%s:fm:active" % self._prefix
+
+    def log(self, stream: str) -> bytes:
+        """Key of a log stream (`impressions` or `events`): a Redis Stream, one entry per record."""
+        if stream not in LOG_STREAMS:
+            raise ValueError(f"no log stream {stream!r}; the streams are {', '.join(LOG_STREAMS)}")
+        return b"%s:log:%s" % (self._prefix, stream.encode("ascii"))

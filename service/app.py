@@ -21,7 +21,7 @@ from starlette.responses import Response
 
 from feature_store.base import FeatureStore
 from feature_store.errors import FeatureStoreError
-from feature_store.factory import open_feature_store
+from feature_store.factory import open_feature_store, open_log_store
 from service.batching import Batcher
 from service.core.runtime import (
     DeviceUnavailable,
@@ -32,10 +32,11 @@ from service.core.runtime import (
 )
 from service.core.search import Stage1Engine, gpu_available
 from service.errors import install_error_handlers, render_dare_error, store_error, store_error_kind
+from service.impression_log import LogWriter
 from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware
 from service.registry import ModelRegistry, require_models
-from service.routes import admin, docs, events, health, inspector, models, score, users
+from service.routes import admin, docs, events, health, inspector, log, models, score, users
 from service.schemas import DeviceInfo
 from service.scoring import BatchScorer, ScoreBatcher, Scorer
 from service.settings import Settings
@@ -112,6 +113,39 @@ def stage1_engine(settings: Settings) -> Stage1Engine:
     return Stage1Engine(threads=settings.search_threads)
 
 
+async def start_impression_log(
+    settings: Settings, metrics: Metrics, stack: contextlib.AsyncExitStack
+) -> LogWriter | None:
+    """The impression log's store and writer task (when `DARE_IMPRESSION_LOG` is on), closed by `stack`."""
+    if not settings.impression_log:
+        return None
+    timeout_s = settings.impression_log_timeout_ms / 1000.0
+    log_store = open_log_store(
+        settings.log_dsn,
+        cluster=settings.log_cluster,
+        timeout_s=timeout_s,
+        maxlen=settings.impression_log_maxlen,
+        retention_s=settings.impression_log_retention_s,
+        namespace=settings.redis_namespace,
+    )
+    stack.push_async_callback(log_store.aclose)
+    writer = LogWriter(
+        log_store,
+        metrics,
+        salt=settings.ab_salt,
+        sample=settings.impression_log_sample,
+        top_n=settings.impression_log_top_n,
+        queue_size=settings.impression_log_queue,
+        batch_size=settings.impression_log_batch,
+    )
+    writer.start()
+    # Unwound before the store closes: what is queued at shutdown is written if the log answers in time.
+    stack.push_async_callback(writer.aclose, max(2.0, 2 * timeout_s))
+    where = "in-memory" if settings.log_dsn is None else f"redis (namespace {settings.redis_namespace})"
+    logger.info("impression log: %s, sampling %g of users", where, settings.impression_log_sample)
+    return writer
+
+
 @contextlib.asynccontextmanager
 async def build_state(settings: Settings) -> AsyncIterator[AppState]:
     """Build the AppState; everything acquired is released in reverse order on exit."""
@@ -145,6 +179,7 @@ async def build_state(settings: Settings) -> AsyncIterator[AppState]:
             "in-memory" if settings.redis_url is None else f"redis (namespace {settings.redis_namespace})",
         )
         await load_startup_data(settings, store)
+        log = await start_impression_log(settings, metrics, stack)
 
         executor = ThreadPoolExecutor(
             settings.compute_threads, thread_name_prefix="dare-compute", initializer=single_threaded_numerics
@@ -197,7 +232,7 @@ async def build_state(settings: Settings) -> AsyncIterator[AppState]:
                 await asyncio.gather(watch, return_exceptions=True)
 
             stack.push_async_callback(stop_watch)
-        yield AppState(settings, store, registry, scorer, metrics, device, time.time())
+        yield AppState(settings, store, registry, scorer, metrics, device, time.time(), log)
         logger.info("shutting down")
 
 
@@ -230,7 +265,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_exception_handler(FeatureStoreError, feature_store_failed)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
-    for module in (score, events, users, models, health, admin, inspector, docs):
+    for module in (score, events, users, models, health, admin, log, inspector, docs):
         app.include_router(module.router)
     app.mount(docs.STATIC_PATH, docs.static_files(), name="static")
     return app

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 import typer
 
+from service.experiment_cli import ab_report, closed_loop, log_app
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -666,6 +668,11 @@ def openapi(
     else:
         out.write_text(text)
         typer.echo(f"wrote {out}", err=True)
+
+
+app.add_typer(log_app, name="log")
+app.command("ab-report")(ab_report)
+app.command("closed-loop")(closed_loop)
 
 
 if __name__ == "__main__":

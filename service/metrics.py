@@ -108,6 +108,16 @@ class Metrics:
         self.variant_weight = Gauge(
             "dare_variant_weight", "Share of hash-assigned traffic per variant", ["variant"], registry=r
         )
+        self.log_written = Counter(
+            "dare_impression_log_written", "Log records written, by stream (impressions, events)",
+            ["stream"], registry=r,
+        )  # fmt: skip
+        self.log_dropped = Counter(
+            "dare_impression_log_dropped",
+            "Log records dropped, by stream and reason (queue_full, write_failed, shutdown, error)",
+            ["stream", "reason"], registry=r,
+        )  # fmt: skip
+        self.log_queue = Gauge("dare_impression_log_queue", "Log records waiting to be written", registry=r)
 
     def child(self, metric: Counter | Histogram, *values: str) -> Any:
         """`metric.labels(*values)`, kept: `labels` takes a lock and builds its key on every call,

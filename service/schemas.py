@@ -81,6 +81,16 @@ class ScoreResponse(BaseModel):
     explain: list[ExplainedCandidate] | None = None
 
 
+EventType = Annotated[
+    str,
+    Field(
+        pattern=r"^[a-z][a-z0-9_.-]{0,31}$",
+        description="what the user did (lower-case name, e.g. click, purchase); outcomes of the "
+        "impression log are counted by type",
+    ),
+]
+
+
 class Event(BaseModel):
     """One behavior."""
 
@@ -100,6 +110,7 @@ class EventsRequest(BaseModel):
     )
     user_id: UserId
     events: list[Event] = Field(min_length=1, max_length=10_000)
+    type: EventType = "click"
 
 
 class EventsResponse(BaseModel):
@@ -219,3 +230,18 @@ class InspectorExamples(BaseModel):
     users: list[ExampleUser] = Field(description="users of the dataset loaded at start-up, longest first")
     users_source: str | None = Field(description="where the users come from; null when none is known")
     items: list[int] = Field(description="a spread of item ids that every serving variant knows")
+
+
+class LogEntryBody(BaseModel):
+    """One log entry: its stream id (`<ms>-<seq>`, when it was written) and the record."""
+
+    id: str
+    record: dict[str, Any]
+
+
+class LogPage(BaseModel):
+    """`GET /admin/log/{stream}` body."""
+
+    stream: Literal["impressions", "events"]
+    entries: list[LogEntryBody]
+    next: str | None = Field(description="pass as `after` for the next page; null: nothing more now")

@@ -200,6 +200,39 @@ class Settings(BaseSettings):
     """FM embeddings parquet (`dare-serve fm-embed --out`) loaded at start-up and made the active
     FM version (`serve --fm-embeddings`)."""
 
+    impression_log: bool = False
+    """Log the score requests of sampled users (arm, model version, candidates with scores and ranks,
+    FM status) and their `POST /v1/events`, for `dare-serve ab-report`. Written off the request path:
+    a log that is down or behind drops records (counted), never a request."""
+
+    impression_log_url: RedisDsn | None = None
+    """Redis (single node) holding the log streams; unset: `DARE_REDIS_URL`, and with neither, a
+    bounded log inside this process (read through `GET /admin/log/{stream}`)."""
+
+    impression_log_sample: float = Field(1.0, gt=0, le=1)
+    """Share of users logged, chosen by a hash of the user id independent of the A/B split; a sampled
+    user is logged whole (every request and event)."""
+
+    impression_log_top_n: int | None = Field(None, ge=1, le=100_000)
+    """Candidates logged per request, the best-ranked; unset: all of them."""
+
+    impression_log_maxlen: int = Field(1_000_000, ge=1_000, le=1_000_000_000)
+    """Entries each log stream keeps, the newest (`XADD MAXLEN ~`; Redis trims in whole nodes, so a
+    stream may hold slightly more)."""
+
+    impression_log_retention_s: float | None = Field(None, gt=0)
+    """Also drop log entries older than this many seconds (`XTRIM MINID ~` with each write); unset:
+    bounded by count only."""
+
+    impression_log_queue: int = Field(10_000, ge=1, le=10_000_000)
+    """Records waiting to be written; past it new records are dropped and counted."""
+
+    impression_log_batch: int = Field(256, ge=1, le=10_000)
+    """Most records per log write (one pipeline)."""
+
+    impression_log_timeout_ms: float = Field(1000.0, gt=0, le=60_000)
+    """Budget of one log write; a write that fails or runs past it drops its records (counted)."""
+
     @field_validator("variant_weights", mode="before")
     @classmethod
     def _parse_weights(cls, value: Any) -> Any:
@@ -259,6 +292,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Settings:
+        if self.impression_log_url is not None and not self.impression_log:
+            raise ValueError("DARE_IMPRESSION_LOG_URL is set but DARE_IMPRESSION_LOG is off")
         if self.redis_cluster and self.redis_url is None:
             raise ValueError("DARE_REDIS_CLUSTER needs DARE_REDIS_URL (the in-memory store has no cluster)")
         if (
@@ -296,6 +331,16 @@ class Settings(BaseSettings):
         depths = self.variant_search_depth or {}
         depth = depths.get(variant, self.search_depth)
         return self.store_max_events if depth is None else depth
+
+    @property
+    def log_dsn(self) -> str | None:
+        """Where the impression log goes: its own URL, else the feature store's; None for in-memory."""
+        return str(self.impression_log_url) if self.impression_log_url is not None else self.redis_dsn
+
+    @property
+    def log_cluster(self) -> bool:
+        """The log shares the feature store's Redis Cluster (a log URL of its own is one node)."""
+        return self.impression_log_url is None and self.redis_cluster
 
     @property
     def redis_dsn(self) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from feature_store.base import FeatureStore
+from service.impression_log import LogWriter
 from service.metrics import Metrics
 from service.registry import ModelRegistry
 from service.schemas import DeviceInfo
@@ -23,6 +24,7 @@ class AppState:
     metrics: Metrics
     device: DeviceInfo
     started_at: float
+    log: LogWriter | None = None  # the impression log, when DARE_IMPRESSION_LOG is on
 
 
 STATE_KEY = "dare"

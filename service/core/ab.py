@@ -8,12 +8,15 @@ from collections.abc import Mapping
 _SCALE = float(1 << 64)
 
 
-def hash_unit(user_id: str, salt: str) -> float:
-    """A uniform number in [0, 1) fixed by (user_id, salt): blake2b keyed with the salt."""
+def hash_unit(user_id: str, salt: str, person: bytes = b"") -> float:
+    """A uniform number in [0, 1) fixed by (user_id, salt): blake2b keyed with the salt.
+
+    `person` (at most 16 bytes) separates uses of one salt: each value gives an independent number.
+    """
     # Keyed blake2b instead of hash(): stable across processes and Python versions (no
     # PYTHONHASHSEED), and a salt change reshuffles every user independently of the ids.
     digest = hashlib.blake2b(
-        user_id.encode("utf-8", "surrogatepass"), key=salt.encode("utf-8")[:64], digest_size=8
+        user_id.encode("utf-8", "surrogatepass"), key=salt.encode("utf-8")[:64], digest_size=8, person=person
     ).digest()
     return int.from_bytes(digest, "big") / _SCALE
 
@@ -42,3 +45,12 @@ def effective_weights(configured: Mapping[str, float] | None, loaded: list[str])
     if total <= 0:
         return {}
     return {name: configured.get(name, 0.0) / total for name in sorted(loaded)}
+
+
+LOG_SAMPLE_PERSON = b"dare-log-sample"
+
+
+def in_log_sample(user_id: str, salt: str, rate: float) -> bool:
+    """Whether the impression log keeps this user: a hash independent of the arm's, below `rate`."""
+    # Its own blake2b personalisation: with the arm's hash, sampling 50% could keep one arm only.
+    return rate >= 1.0 or hash_unit(user_id, salt, LOG_SAMPLE_PERSON) < rate

@@ -1,11 +1,15 @@
-"""`POST /v1/events`: append behaviors to a user's sequence in the feature store."""
+"""`POST /v1/events`: append behaviors to a user's sequence in the feature store (and to the event
+log, where outcomes of the impression log come from)."""
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 from fastapi import APIRouter
 
 from service.deps import StateDep, WriterDep
+from service.impression_log import LoggedEvents
 from service.schemas import EventsRequest, EventsResponse, problem_responses
 
 router = APIRouter(tags=["events"])
@@ -25,4 +29,6 @@ async def append_events(body: EventsRequest, state: StateDep, _: WriterDep) -> E
     # outcome (applied once or not at all), and the 503 says retry.
     length = await state.store.append_events(body.user_id, items, times)
     state.metrics.events_appended.inc(len(body.events))
+    if state.log is not None:  # only acknowledged appends: a 503 above may not have been applied
+        state.log.offer(LoggedEvents(body.user_id, items, times, body.type, time.time()))
     return EventsResponse(user_id=body.user_id, appended=len(body.events), sequence_length=length)

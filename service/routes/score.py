@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from service.core.ranking import effective_behaviors
 from service.errors import MalformedJson, TooManyCandidates, request_id_of
+from service.impression_log import ServedImpression
 from service.schemas import ScoreRequest, ScoreResponse, problem_responses
 from service.scoring import ScoreJob, ScoreOutcome
 from service.state import STATE_KEY, AppState
@@ -141,8 +142,24 @@ async def score_candidates(
         submitted=started,
     )
     outcome = await state.scorer.score(model, job)
+    request_id = request_id_of(request) or ""
+    if state.log is not None:
+        state.log.offer(
+            ServedImpression(
+                request_id=request_id,
+                ts=job.now,
+                served_at=time.time(),
+                user_id=body.user_id,
+                variant=model.variant,
+                model_version=model.version,
+                assigned_by="hash" if x_experiment is None else "header",
+                fm_embedding=outcome.fm.value,
+                candidates=job.candidates,
+                scores=outcome.scored.probabilities,
+            )
+        )
     answer = {
-        "request_id": request_id_of(request) or "",
+        "request_id": request_id,
         "variant": model.variant,
         "model_version": model.version,
         "scores": outcome.scored.probabilities.tolist(),

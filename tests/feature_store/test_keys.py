@@ -59,3 +59,11 @@ def test_escaping_is_injective_and_readable() -> None:
 def test_namespace_that_could_break_tags_is_refused(namespace: str) -> None:
     with pytest.raises(ValueError):
         KeySpace(namespace)
+
+
+def test_log_keys_are_in_the_namespace() -> None:
+    keys = KeySpace("prod")
+    assert keys.log("impressions") == b"prod:log:impressions"
+    assert keys.log("events") == b"prod:log:events"
+    with pytest.raises(ValueError, match="no log stream"):
+        keys.log("seq")

@@ -50,7 +50,7 @@ def test_openapi_lists_the_contract(client: TestClient) -> None:
     spec = client.get("/openapi.json").json()
     assert set(spec["paths"]) == {
         "/v1/score", "/v1/events", "/v1/users/{user_id}/sequence", "/v1/models",
-        "/healthz", "/readyz", "/metrics", "/admin/reload",
+        "/healthz", "/readyz", "/metrics", "/admin/reload", "/admin/log/{stream}",
     }  # fmt: skip
     score = spec["paths"]["/v1/score"]["post"]
     assert {"400", "413", "422", "503"} <= set(score["responses"])
