@@ -736,6 +736,7 @@ def main() -> None:
     ap.add_argument(
         "--recipe", action="append", choices=list(RECIPES), default=None, help="only these recipes (repeated)"
     )
+    ap.add_argument("--dataset", action="append", default=None, help="only these datasets (repeated)")
     ap.add_argument("--work", type=Path, default=Path(".dare/model-quality"))
     ap.add_argument("--results", type=Path, default=None, help="JSON lines (default: WORK/results.jsonl)")
     ap.add_argument("--shared", type=Path, default=Path("../shared/data"))
@@ -758,7 +759,9 @@ def main() -> None:
             for seed in range(args.seeds)
             for section in sections
             for run in runs_for(section)
-            if (*run, seed) not in done and (args.recipe is None or run[3] in args.recipe)
+            if (*run, seed) not in done
+            and (args.recipe is None or run[3] in args.recipe)
+            and (args.dataset is None or run[0] in args.dataset)
         ]
         todo = list(dict.fromkeys(todo))
         for i, (dataset, arm, dim, recipe, seed) in enumerate(todo, 1):
