@@ -47,6 +47,18 @@ class Dims(BaseModel):
     fm: int = Field(ge=0)
 
 
+class FmHistorySpec(BaseModel):
+    """Which FM-history entries a ranker reads (manifest `fm_history`, rankers trained with one)."""
+
+    model_config = ConfigDict(extra="allow")
+    length: int = Field(ge=1)  # the newest entries fed per request, at most
+    dim: int = Field(ge=1)  # the prefix d' of each entry the graph takes
+    fm_version: str  # the FM and the encoder whose entries are current; others are stale
+    encoder_version: str
+    encoding: Literal["fp32", "int8", "int4"]
+    lag_s: int = Field(ge=0)  # the write lag training assumed
+
+
 class Manifest(BaseModel):
     """manifest.json: what the bundle holds and how it was made."""
 
@@ -67,6 +79,7 @@ class Manifest(BaseModel):
     fm_version: str | None
     metrics: dict[str, Any]
     files: dict[str, str]
+    fm_history: FmHistorySpec | None = None
 
     @property
     def tag(self) -> str:
@@ -360,6 +373,11 @@ def ranker_io(m: Manifest) -> tuple[IoSpec, IoSpec]:
     }
     if m.dims.fm:
         inputs |= {"fm": ("tensor(float)", ("B", m.dims.fm)), "fm_present": ("tensor(float)", ("B",))}
+    if m.fm_history is not None:
+        inputs |= {
+            "fm_history": ("tensor(float)", ("B", "H", m.fm_history.dim)),
+            "fm_history_mask": ("tensor(float)", ("B", "H")),
+        }
     outputs: IoSpec = {
         "probability": ("tensor(float)", ("B", "C")),
         "attention": ("tensor(float)", ("B", "C", k)),

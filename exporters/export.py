@@ -14,7 +14,7 @@ import torch
 
 from exporters.bundle import write_bundle
 from exporters.models import FoundationModel, TwoStageRanker, UserEncoderGraph
-from exporters.stage2_graph import FM_INPUTS, INPUTS, OUTPUTS, Stage2Graph
+from exporters.stage2_graph import FM_HISTORY_INPUTS, FM_INPUTS, INPUTS, OUTPUTS, Stage2Graph
 
 OPSET = 17
 # A graph whose initializers take more bytes than this is written as the graph file and one external
@@ -110,7 +110,8 @@ def uses_external_data(model: onnx.ModelProto, threshold: int) -> bool:
 
 def ranker_inputs(ranker: TwoStageRanker) -> list[str]:
     """Input names of a ranker's stage-2 graph, in order."""
-    return [*INPUTS, *(FM_INPUTS if ranker.cfg.fm_dim else ())]
+    cfg = ranker.cfg
+    return [*INPUTS, *(FM_INPUTS if cfg.fm_dim else ()), *(FM_HISTORY_INPUTS if cfg.fm_history else ())]
 
 
 def _ranker_trace_args(
@@ -139,6 +140,10 @@ def _ranker_trace_args(
     if cfg.fm_dim:
         args += [torch.randn(b, cfg.fm_dim), torch.ones(b)]
         axes |= {"fm": {0: "B"}, "fm_present": {0: "B"}}
+    if cfg.fm_history:
+        h = 4
+        args += [torch.randn(b, h, cfg.fm_history_dim), torch.ones(b, h)]
+        axes |= {"fm_history": {0: "B", 1: "H"}, "fm_history_mask": {0: "B", 1: "H"}}
     return graph(ranker), tuple(args), ranker_inputs(ranker), list(OUTPUTS), axes
 
 
@@ -254,12 +259,18 @@ def export_ranker(
     fm_version: str | None,
     extra: dict[str, Any],
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+    fm_history: dict[str, Any] | None = None,
+    files: dict[str, Callable[[Path], None]] | None = None,
 ) -> Path:
     """Write a `dare`/`coupled` bundle: ranker.onnx, attention.faiss, time_bias.npy, item arrays.
 
     A graph with more than `external_data_threshold` bytes of initializers is written as
-    ranker.onnx and ranker.onnx.data (its tensors), both listed with their checksums.
+    ranker.onnx and ranker.onnx.data (its tensors), both listed with their checksums. A ranker with an
+    FM history needs its manifest section (`fm_history`: which entries it reads, `bundle.FmHistorySpec`);
+    `files` adds files of the caller's (the FM-history encoder).
     """
+    if bool(ranker.cfg.fm_history) != (fm_history is not None):
+        raise ValueError("a ranker with an FM history is exported with its fm_history section, and only then")
     cfg = ranker.cfg
     ranker.eval()
     with torch.no_grad():
@@ -280,9 +291,11 @@ def export_ranker(
         "metrics": metrics,
         "onnx": onnx_info,
         "config": cfg.to_dict(),
+        **({"fm_history": fm_history} if fm_history is not None else {}),
         **extra,
     }
     writers = {
+        **(files or {}),
         "ranker.onnx": onnx_writer,
         "attention.faiss": _faiss_writer(ranker.item_attention_table()),
         "time_bias.npy": _npy_writer(time_bias),

@@ -70,6 +70,11 @@ class RankerConfig:
     # pooled interest joins the head beside the long-term one (as SIM, TWIN and ETA keep the newest
     # behaviors in a branch of their own). Needs short_term <= recent_k. 0 (no branch) before it.
     short_term: int = 0
+    # LoopFM's history channel: a target attention over up to `fm_history` FM-history entries of the
+    # user (the FM's representations at past requests, compressed; `exporters.fm_history`), each
+    # entry's first `fm_history_dim` dims projected into the representation space. 0 (none) before it.
+    fm_history: int = 0
+    fm_history_dim: int = 0
 
     def __post_init__(self) -> None:
         if self.kind == "coupled":
@@ -81,6 +86,15 @@ class RankerConfig:
             raise ValueError(
                 f"short_term must be in [0, recent_k={self.recent_k}] (the branch reads the slots "
                 f"stage 1 keeps by recency), got {self.short_term}"
+            )
+        if (
+            self.fm_history < 0
+            or self.fm_history_dim < 0
+            or (self.fm_history > 0) != (self.fm_history_dim > 0)
+        ):
+            raise ValueError(
+                f"fm_history and fm_history_dim are both 0 (no FM history) or both positive, got "
+                f"{self.fm_history} and {self.fm_history_dim}"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -148,6 +162,24 @@ class ByteDropout(nn.Module):
         return x * torch.from_numpy(self.table[draws].reshape(x.shape))
 
 
+def attend_entries(
+    queries: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target attention over FM-history entries: (pooled [..., C, d], present [..., C, 1]).
+
+    `queries` [..., C, d] (the candidates' representations), `keys` [..., H, d] (the projected entries),
+    `mask` [..., 1, H] (1 for an entry). Softmax over the valid entries, written out as in
+    `stage2_graph.attend`; a row without entries pools to zero and reports present 0.
+    """
+    logits = (queries @ keys.transpose(-1, -2)) * scale
+    masked = logits.masked_fill(mask <= 0, _MASKED)
+    exp = torch.exp(masked - masked.amax(-1, keepdim=True))
+    weights = exp / exp.sum(-1, keepdim=True) * mask
+    # the weights of a row with entries sum to 1, of one without to 0: no shape to broadcast by hand
+    present = (weights.sum(-1, keepdim=True) > 0).to(logits.dtype)
+    return weights @ keys, present
+
+
 def _embedding(n: int, dim: int, std: float) -> nn.Embedding:
     emb = nn.Embedding(n, dim)
     nn.init.normal_(emb.weight, std=std)
@@ -194,13 +226,31 @@ class TwoStageRanker(nn.Module):
         if cfg.fm_dim:
             self.fm_proj = nn.Linear(cfg.fm_dim, d_r)
             fm_in = d_r + 1
+        if cfg.fm_history:
+            self.fm_history_proj = nn.Linear(cfg.fm_history_dim, d_r)
         self.head = _mlp([self.candidate_features() + fm_in, *cfg.mlp, 1])
 
     def candidate_features(self) -> int:
         """Width of the head's per-candidate input: the target, the long-term interest, its mass and
-        history flag, and with a short-term branch its interest and mass."""
+        history flag, with a short-term branch its interest and mass, and with an FM history its pooled
+        entries, their product with the target and their presence flag."""
         d_r = self.cfg.representation_dim
-        return 2 * d_r + 2 + (d_r + 1 if self.cfg.short_term else 0)
+        width = 2 * d_r + 2 + (d_r + 1 if self.cfg.short_term else 0)
+        return width + (2 * d_r + 1 if self.cfg.fm_history else 0)
+
+    def fm_history_features(
+        self, r_t: torch.Tensor, fm_history: torch.Tensor, fm_history_mask: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """[pooled, pooled * r_t, present] of candidates r_t [..., C, d_r] over a request's entries
+        [..., H, d'] with mask [..., H]: the candidate is the query, each projected entry key and value."""
+        keys = self.fm_history_proj(fm_history)
+        pooled, present = attend_entries(r_t, keys, fm_history_mask.unsqueeze(-2), self.scale_r)
+        return [pooled, pooled * r_t, present]
+
+    @property
+    def scale_r(self) -> float:
+        """The FM-history attention scale, 1 / sqrt(d_r)."""
+        return 1.0 / math.sqrt(self.cfg.representation_dim)
 
     # -- stage 1 -------------------------------------------------------------------------------
     def attention_vectors(self, rows: torch.Tensor) -> torch.Tensor:
@@ -304,8 +354,11 @@ class TwoStageRanker(nn.Module):
         beh_mask: torch.Tensor,
         fm: torch.Tensor | None = None,
         fm_present: torch.Tensor | None = None,
+        fm_history: torch.Tensor | None = None,
+        fm_history_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logit [N] and attention weights [N, K] from the retrieved behaviors."""
+        """Logit [N] and attention weights [N, K] from the retrieved behaviors (and with an FM history,
+        entries [N, H, d'] with mask [N, H]; None: no entries)."""
         scaled = self.attention_logits(target_rows, beh_rows, beh_buckets)
         logits = scaled * torch.exp(self.log_stage2_gain) if self.cfg.stage2_gain else scaled
         mask = beh_mask.to(logits.dtype)
@@ -333,6 +386,14 @@ class TwoStageRanker(nn.Module):
             has_short = (short.sum(1, keepdim=True) > 0).to(logits.dtype)
             short_mass = torch.logsumexp(short_masked, dim=1, keepdim=True) * has_short
             parts += [(short_weights.unsqueeze(-1) * r_b[:, :n]).sum(1) * r_t, short_mass]
+        if self.cfg.fm_history:
+            if fm_history is None or fm_history_mask is None:
+                n_rows = target_rows.shape[0]
+                fm_history = torch.zeros(n_rows, 1, self.cfg.fm_history_dim, device=r_t.device)
+                fm_history_mask = torch.zeros(n_rows, 1, device=r_t.device)
+            # each impression is its own request of one candidate: [N, 1, d_r] against [N, H, d_r]
+            feats = self.fm_history_features(r_t.unsqueeze(1), fm_history, fm_history_mask.to(r_t.dtype))
+            parts += [f.squeeze(1) for f in feats]
         if self.cfg.fm_dim:
             if fm is None or fm_present is None:
                 raise ValueError("this ranker takes an FM embedding and its presence flag")
@@ -348,13 +409,17 @@ class TwoStageRanker(nn.Module):
         hist_mask: torch.Tensor,
         fm: torch.Tensor | None = None,
         fm_present: torch.Tensor | None = None,
+        fm_history: torch.Tensor | None = None,
+        fm_history_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Both stages over padded histories [N, L]; returns logits [N] and top-k positions [N, k]."""
         top = self.search(target_rows, hist_rows, hist_buckets, hist_mask)
         beh_rows = torch.gather(hist_rows, 1, top)
         beh_buckets = torch.gather(hist_buckets, 1, top)
         beh_mask = torch.gather(hist_mask, 1, top)
-        logit, _ = self.stage2(target_rows, beh_rows, beh_buckets, beh_mask, fm, fm_present)
+        logit, _ = self.stage2(
+            target_rows, beh_rows, beh_buckets, beh_mask, fm, fm_present, fm_history, fm_history_mask
+        )
         return logit, top
 
     def item_attention_table(self) -> np.ndarray:

@@ -42,11 +42,13 @@ def score_offline(
     candidates: np.ndarray,
     now: int,
     fm: np.ndarray | None = None,
+    fm_history: np.ndarray | None = None,
 ) -> np.ndarray:
     """Click probabilities of raw candidate ids for one user state, both stages in PyTorch.
 
     `history_*` are the user's behaviors oldest first (those the service reads: the newest stored, up
-    to its search depth); `fm` is the FM embedding, or None when it is missing.
+    to its search depth); `fm` is the FM embedding, or None when it is missing; `fm_history` the
+    decoded FM-history entries [n, d'] the service feeds (None or n = 0: none).
     """
     c = len(candidates)
     hist_rows = item_rows(item_ids, history_items)
@@ -63,6 +65,11 @@ def score_offline(
         vec = np.zeros(model.cfg.fm_dim, np.float32) if fm is None else np.asarray(fm, np.float32)
         fm_t = torch.from_numpy(np.repeat(vec[None], c, 0))
         present = torch.full((c,), 0.0 if fm is None else 1.0)
+    entries = entries_mask = None
+    if model.cfg.fm_history and fm_history is not None and len(fm_history):
+        vectors = torch.from_numpy(np.asarray(fm_history, np.float32))
+        entries = vectors.expand(c, *vectors.shape)
+        entries_mask = torch.ones(c, len(vectors))
     with torch.no_grad():
         logit, _ = model(
             torch.from_numpy(item_rows(item_ids, candidates)),
@@ -71,6 +78,8 @@ def score_offline(
             torch.from_numpy(mask),
             fm_t,
             present,
+            entries,
+            entries_mask,
         )
     return torch.sigmoid(logit).numpy()
 

@@ -11,7 +11,8 @@ and recomputes its attention logit and representation. Served, most of that is r
   (`behaviors`, `buckets` [B, U]), computes its representation once, and reaches it from every slot
   through an index (`retrieved` [B, C, K]);
 - the FM part of the head's first layer is the same for all candidates of a request: computed once
-  per request and added to each candidate's pre-activation.
+  per request and added to each candidate's pre-activation;
+- a request's FM-history entries are projected once per request; each candidate attends over them.
 
 The math is that of `TwoStageRanker.stage2`; only the order of float operations differs, which
 moves probabilities by ~1e-7 (the parity tests hold the graph to 1e-5 of the PyTorch model).
@@ -26,6 +27,7 @@ from exporters.models import _MASKED, TwoStageRanker
 
 INPUTS = ("candidates", "behaviors", "buckets", "retrieved", "scores", "mask")
 FM_INPUTS = ("fm", "fm_present")
+FM_HISTORY_INPUTS = ("fm_history", "fm_history_mask")
 OUTPUTS = ("probability", "attention")
 
 
@@ -68,7 +70,9 @@ class Stage2Graph(nn.Module):
     - `retrieved` int64 [B, C, K]: index into the request's `behaviors` of each slot's behavior;
     - `scores` float [B, C, K]: each slot's stage-1 score (raw inner product with the time bias);
     - `mask` float [B, C, K]: 1 for a retrieved behavior, 0 for padding (zero weight);
-    - with an FM input, `fm` float [B, d_fm] and `fm_present` float [B].
+    - with an FM input, `fm` float [B, d_fm] and `fm_present` float [B];
+    - with an FM history, `fm_history` float [B, H, d'] (each request's entries, decoded) and
+      `fm_history_mask` float [B, H] (1 for an entry, 0 for padding).
 
     Outputs: `probability` [B, C] and `attention` [B, C, K], the weights over each candidate's slots.
     """
@@ -107,9 +111,15 @@ class Stage2Graph(nn.Module):
         retrieved: torch.Tensor,
         scores: torch.Tensor,
         mask: torch.Tensor,
-        *fm_inputs: torch.Tensor,
+        *extra: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         r = self.ranker
+        n_fm = 2 if r.cfg.fm_dim else 0
+        if len(extra) != n_fm + (2 if r.cfg.fm_history else 0):
+            raise ValueError(
+                f"this ranker takes {', '.join(self.input_names()[len(INPUTS) :]) or 'no'} extra inputs"
+            )
+        fm_inputs, history_inputs = extra[:n_fm], extra[n_fm:]
         weights, mass, has_history = attend(scores * r.stage2_scale(), mask)
 
         # one representation per distinct behavior: [B, U, d]
@@ -122,10 +132,11 @@ class Stage2Graph(nn.Module):
             n = r.cfg.short_term
             short_weights, short_mass, _ = attend(scores[..., :n] * r.short_term_scale(), mask[..., :n])
             parts += [self.pool(short_weights, r_b, retrieved[..., :n]) * r_t, short_mass]
+        if r.cfg.fm_history:
+            fm_history, fm_history_mask = history_inputs
+            parts += r.fm_history_features(r_t, fm_history, fm_history_mask)
         features = torch.cat(parts, dim=-1)
         if r.cfg.fm_dim:
-            if len(fm_inputs) != 2:
-                raise ValueError("this ranker takes an FM embedding and its presence flag")
             fm, fm_present = fm_inputs
             present = fm_present.unsqueeze(-1)
             per_request = torch.cat([r.fm_proj(fm) * present, present], dim=-1) @ self.head_request
@@ -134,6 +145,11 @@ class Stage2Graph(nn.Module):
         else:
             logit = r.head(features)
         return torch.sigmoid(logit.squeeze(-1)), weights
+
+    def input_names(self) -> list[str]:
+        """The graph's inputs, in order."""
+        cfg = self.ranker.cfg
+        return [*INPUTS, *(FM_INPUTS if cfg.fm_dim else ()), *(FM_HISTORY_INPUTS if cfg.fm_history else ())]
 
     def pool(self, weights: torch.Tensor, r_b: torch.Tensor, retrieved: torch.Tensor) -> torch.Tensor:
         """[B, C, d]: each candidate's attention-weighted sum of its slots' representations.

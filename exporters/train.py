@@ -32,6 +32,17 @@ from exporters.dataset import Dataset, lookup, read_dataset
 from exporters.distributed import World, average_gradients, close_world, gather_parts, init_world
 from exporters.export import export_fm, export_ranker
 from exporters.features import time_buckets
+from exporters.fm_history import (
+    ENCODER_FILE,
+    HistoryEncoder,
+    HistoryJoin,
+    PcaEncoder,
+    fit_rows,
+    history_entries,
+    join_history,
+    load_encoder,
+    served_vectors,
+)
 from exporters.item_vectors import ItemVectors, category_table, learn_item_vectors, visible_events
 from exporters.metrics import auc, calibration_bins, calibration_ratio, gauc, logloss, normalized_entropy
 from exporters.models import ByteDropout, FmConfig, FoundationModel, RankerConfig, TwoStageRanker
@@ -104,6 +115,18 @@ class TrainConfig:
     # item tables with sparse row gradients and a row-wise (lazy) Adam: a step then costs the same at
     # any catalogue size. None: on from SPARSE_TABLES_ROWS item rows, where the dense step dominates
     sparse_tables: bool | None = None
+    # LoopFM's history channel (needs fm_bundle; exporters.fm_history): each impression's newest
+    # `fm_history` entries written before it, a target attention in the ranker. 0: none
+    fm_history: int = 0
+    fm_history_dim: int | None = None  # the Matryoshka prefix d' read (None: all the encoder's dims)
+    fm_history_encoding: Literal["fp32", "int8", "int4"] = "int4"  # how entries are stored
+    fm_history_at: Literal["impressions", "events"] = "impressions"  # entries at past impressions, or events
+    fm_history_stride: int = 1  # with "events": an entry after every stride-th event
+    fm_history_lag_s: int = 0  # an entry is readable this many seconds after its time
+    fm_history_dropout: float = 0.3  # share of training impressions seen without their entries
+    fm_history_encoder: Path | None = None  # reuse an encoder (a file, or a bundle that has one)
+    # with fm_bundle: the cached FM user embedding is an input too (off: the FM history alone)
+    fm_vector: bool = True
 
 
 @dataclass
@@ -158,6 +181,8 @@ class Batch:
     label: torch.Tensor
     fm: torch.Tensor | None = None
     fm_present: torch.Tensor | None = None
+    fm_history: torch.Tensor | None = None
+    fm_history_mask: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> Batch:
         if device.type == "cpu":
@@ -175,6 +200,8 @@ class Batch:
             move(self.label),
             None if self.fm is None else move(self.fm),
             None if self.fm_present is None else move(self.fm_present),
+            None if self.fm_history is None else move(self.fm_history),
+            None if self.fm_history_mask is None else move(self.fm_history_mask),
         )
 
 
@@ -191,7 +218,12 @@ def history_arrays(
 
 
 def make_batch(
-    s: Samples, idx: np.ndarray, fm: np.ndarray | None = None, fm_present: np.ndarray | None = None
+    s: Samples,
+    idx: np.ndarray,
+    fm: np.ndarray | None = None,
+    fm_present: np.ndarray | None = None,
+    fm_history: HistoryJoin | None = None,
+    history_keep: np.ndarray | None = None,
 ) -> Batch:
     rows, buckets, mask, _ = history_arrays(s, idx)
     batch = Batch(
@@ -204,6 +236,9 @@ def make_batch(
     if fm is not None and fm_present is not None:
         batch.fm = torch.from_numpy(fm[idx])
         batch.fm_present = torch.from_numpy(fm_present[idx])
+    if fm_history is not None:
+        entries, mask = fm_history.batch(idx, history_keep)
+        batch.fm_history, batch.fm_history_mask = torch.from_numpy(entries), torch.from_numpy(mask)
     return batch
 
 
@@ -572,6 +607,7 @@ def _predict(
     fm: np.ndarray | None,
     fm_present: np.ndarray | None,
     logits: bool = False,
+    fm_history: HistoryJoin | None = None,
 ) -> np.ndarray:
     """Probabilities (or, with `logits`, the logits) of impressions idx, on the model's device."""
     out = np.zeros(len(idx), dtype=np.float64)
@@ -582,7 +618,7 @@ def _predict(
     model.eval()
     with torch.no_grad():
         for bidx in length_batches(s, idx, batch_size, None):
-            logit = _forward(model, make_batch(s, bidx, fm, fm_present).to(device))
+            logit = _forward(model, make_batch(s, bidx, fm, fm_present, fm_history).to(device))
             out[lookup(sorted_idx, order, bidx)] = logit.double().cpu().numpy()
     return out if logits else expit(out)
 
@@ -595,9 +631,11 @@ def predict_shared(
     fm: np.ndarray | None,
     fm_present: np.ndarray | None,
     world: World,
+    fm_history: HistoryJoin | None = None,
 ) -> np.ndarray:
     """`_predict` with the impressions split across the training processes; every process gets all."""
-    parts = gather_parts(_predict(model, s, world.share(idx), batch_size, fm, fm_present), world)
+    part = _predict(model, s, world.share(idx), batch_size, fm, fm_present, fm_history=fm_history)
+    parts = gather_parts(part, world)
     out = np.empty(len(idx), dtype=np.float64)
     for rank, part in enumerate(parts):
         out[rank :: world.size] = part
@@ -607,7 +645,16 @@ def predict_shared(
 def _forward(model: torch.nn.Module, b: Batch) -> torch.Tensor:
     if isinstance(model, FoundationModel):
         return model(b.target, b.hist_rows, b.hist_buckets, b.hist_mask)
-    logit, _ = model(b.target, b.hist_rows, b.hist_buckets, b.hist_mask, b.fm, b.fm_present)
+    logit, _ = model(
+        b.target,
+        b.hist_rows,
+        b.hist_buckets,
+        b.hist_mask,
+        b.fm,
+        b.fm_present,
+        b.fm_history,
+        b.fm_history_mask,
+    )
     return logit
 
 
@@ -641,6 +688,7 @@ def fit(
     fm_present: np.ndarray | None,
     world: World,
     log: Callable[[str], None],
+    fm_history: HistoryJoin | None = None,
 ) -> Fitted:
     """The training epochs with early stopping; leaves the best epoch's weights in the model.
 
@@ -682,7 +730,11 @@ def fit(
                 # FM dropout: the ranker must still score well when the cached embedding is missing
                 present = fm_present.copy()
                 present[bidx] = (rng.random(len(bidx)) >= cfg.fm_dropout).astype(np.float32)
-            batch = make_batch(s, bidx, fm_arr, present).to(device)
+            keep = None
+            if fm_history is not None:
+                # FM-history dropout: a user whose entries are missing or stale must still score well
+                keep = rng.random(len(bidx)) >= cfg.fm_history_dropout
+            batch = make_batch(s, bidx, fm_arr, present, fm_history, keep).to(device)
             loss = loss_fn(_forward(model, batch), batch.label)
             if aux:
                 assert isinstance(model, TwoStageRanker)
@@ -702,7 +754,7 @@ def fit(
             bar.set_postfix(loss=f"{value:.4f}", refresh=False)
         step_seconds += time.perf_counter() - t_epoch
         seen += sum(len(b) for b in batches)
-        probs = predict_shared(model, s, valid_idx, cfg.batch_size * 2, fm_arr, fm_present, world)
+        probs = predict_shared(model, s, valid_idx, cfg.batch_size * 2, fm_arr, fm_present, world, fm_history)
         val, val_ll = auc(s.label[valid_idx], probs), logloss(s.label[valid_idx], probs)
         history.append(
             {
@@ -766,6 +818,9 @@ def _train(cfg: TrainConfig, device: torch.device, world: World) -> dict[str, An
 
     fm_arr = fm_present = None
     fm_version = None
+    fmh: FmHistory | None = None
+    if cfg.fm_history and (cfg.model == "fm" or cfg.fm_bundle is None):
+        raise ValueError("an FM history is an input of dare/coupled and needs the fm bundle it comes from")
     model: torch.nn.Module
     if cfg.model == "fm":
         model = FoundationModel(
@@ -779,11 +834,19 @@ def _train(cfg: TrainConfig, device: torch.device, world: World) -> dict[str, An
             if fm_bundle.manifest.model != "fm":
                 raise ValueError(f"{cfg.fm_bundle} is a {fm_bundle.manifest.model} bundle, not fm")
             fm_version = fm_bundle.manifest.tag
-            fm_dim = fm_bundle.manifest.dims.fm
             raw_items = vocab.item_ids[s.event_rows]
-            fm_arr = fm_embeddings(fm_bundle, s, raw_items)
-            fm_present = np.ones(len(s.label), dtype=np.float32)
-            log(f"FM embeddings from {fm_version} for {len(s.label)} impressions")
+            if cfg.fm_vector:
+                fm_dim = fm_bundle.manifest.dims.fm
+                fm_arr = fm_embeddings(fm_bundle, s, raw_items)
+                fm_present = np.ones(len(s.label), dtype=np.float32)
+                log(f"FM embeddings from {fm_version} for {len(s.label)} impressions")
+            if cfg.fm_history:
+                fmh = build_fm_history(cfg, fm_bundle, s, raw_items)
+                spec = fmh.spec
+                log(
+                    f"FM history from {fm_version}: {spec['entries']} entries, encoder "
+                    f"{spec['encoder_version']} ({spec['encoding']}, d'={spec['dim']})"
+                )
         rcfg = RankerConfig(
             cfg.model,
             vocab.n_rows,
@@ -798,6 +861,8 @@ def _train(cfg: TrainConfig, device: torch.device, world: World) -> dict[str, An
             stage2_gain_init=cfg.stage2_gain_init,
             recent_k=cfg.recent_k,
             short_term=cfg.short_term,
+            fm_history=cfg.fm_history,
+            fm_history_dim=fmh.join.dim if fmh is not None else 0,
         )
         model = TwoStageRanker(rcfg, vocab.row_category)
 
@@ -806,7 +871,8 @@ def _train(cfg: TrainConfig, device: torch.device, world: World) -> dict[str, An
         init_embeddings(model, vectors, vocab, cfg)
         log(f"embedding tables initialised from {vectors.dim}-d item vectors of {vectors.n_events} events")
     model.to(device)
-    fitted = fit(model, s, train_idx, valid_idx, cfg, fm_arr, fm_present, world, log)
+    join = fmh.join if fmh is not None else None
+    fitted = fit(model, s, train_idx, valid_idx, cfg, fm_arr, fm_present, world, log, join)
     # the processes are done with each other: rank 0 evaluates and exports alone, and a process
     # waiting in the group would spin on a core that evaluation could use
     close_world(world)
@@ -817,7 +883,9 @@ def _train(cfg: TrainConfig, device: torch.device, world: World) -> dict[str, An
     model.cpu()
     calibration: dict[str, Any] = {"fitted": False}
     if cfg.calibrate:
-        valid_logits = _predict(model, s, valid_idx, cfg.batch_size * 2, fm_arr, fm_present, logits=True)
+        valid_logits = _predict(
+            model, s, valid_idx, cfg.batch_size * 2, fm_arr, fm_present, logits=True, fm_history=join
+        )
         c, a = _fit_logistic(valid_logits, s.label[valid_idx].astype(np.float64))
         # a <= 0 would reverse the ranking: a validation split too small or too noisy to fit on
         if a > 0 and math.isfinite(a) and math.isfinite(c):
@@ -827,11 +895,11 @@ def _train(cfg: TrainConfig, device: torch.device, world: World) -> dict[str, An
     users = s.user_index[test_idx]
     uncalibrated = None
     if calibration["fitted"]:
-        raw = _predict(model, s, test_idx, cfg.batch_size * 2, fm_arr, fm_present)
+        raw = _predict(model, s, test_idx, cfg.batch_size * 2, fm_arr, fm_present, fm_history=join)
         uncalibrated = evaluate(s.label[test_idx], raw, users, bins=True)
         fold_platt(model, calibration["slope"], calibration["intercept"])
 
-    probs = _predict(model, s, test_idx, cfg.batch_size * 2, fm_arr, fm_present)
+    probs = _predict(model, s, test_idx, cfg.batch_size * 2, fm_arr, fm_present, fm_history=join)
     metrics: dict[str, Any] = evaluate(s.label[test_idx], probs, users, bins=True)
     if uncalibrated is not None:
         # the same model's test scores before the validation-fitted scaling (same AUC: a monotone map)
@@ -840,8 +908,15 @@ def _train(cfg: TrainConfig, device: torch.device, world: World) -> dict[str, An
     metrics["n_test"] = int(len(test_idx))
     if fm_arr is not None:
         # the same test split scored as if every FM embedding were missing (cold FM cache)
-        no_fm = _predict(model, s, test_idx, cfg.batch_size * 2, fm_arr, np.zeros_like(fm_present))
+        no_fm = _predict(
+            model, s, test_idx, cfg.batch_size * 2, fm_arr, np.zeros_like(fm_present), fm_history=join
+        )
         metrics["fm_missing"] = evaluate(s.label[test_idx], no_fm, users)
+    if join is not None:
+        # the same test split scored as if no user had an FM history (a cold or stale history store)
+        empty = dataclasses.replace(join, end=join.start)
+        no_history = _predict(model, s, test_idx, cfg.batch_size * 2, fm_arr, fm_present, fm_history=empty)
+        metrics["fm_history_missing"] = evaluate(s.label[test_idx], no_history, users)
     pop = popularity_scores(ds, s)
     a, b = _fit_logistic(pop[train_idx], s.label[train_idx].astype(np.float64))
     pop_probs = expit(a + b * pop[test_idx])
@@ -876,7 +951,16 @@ def _train(cfg: TrainConfig, device: torch.device, world: World) -> dict[str, An
         path = export_fm(model, cfg.out, variant, vocab.item_ids, cfg.max_seq_len, metrics, extra)
     else:
         path = export_ranker(
-            model, cfg.out, variant, vocab.item_ids, cfg.max_seq_len, metrics, fm_version, extra
+            model,
+            cfg.out,
+            variant,
+            vocab.item_ids,
+            cfg.max_seq_len,
+            metrics,
+            fm_version,
+            extra,
+            fm_history=fmh.spec if fmh is not None else None,
+            files=fmh.files() if fmh is not None else None,
         )
     size = sum(f.stat().st_size for f in path.iterdir())
     return {
@@ -897,8 +981,75 @@ def _train(cfg: TrainConfig, device: torch.device, world: World) -> dict[str, An
         "stopped_by": watch.stopped_by,
         "bundle_bytes": size,
         "fm_version": fm_version,
+        "fm_history": fmh.spec if fmh is not None else None,
         "metrics": metrics,
     }
+
+
+@dataclass
+class FmHistory:
+    """A ranker's FM history: the joined entries, the encoder that made them, the manifest section."""
+
+    join: HistoryJoin
+    encoder: HistoryEncoder
+    spec: dict[str, Any]
+
+    def files(self) -> dict[str, Callable[[Path], None]]:
+        """The bundle files it adds: the encoder, which `fm-embed` writes the store's entries with."""
+        return {ENCODER_FILE: self.encoder.save}
+
+
+def build_fm_history(
+    cfg: TrainConfig, fm_bundle: Bundle, s: Samples, raw_event_items: np.ndarray
+) -> FmHistory:
+    """Every entry of the dataset from the FM, the encoder (given, or fitted on the training split), the
+    entries as the service will decode them, and each impression's point-in-time slice of them."""
+    fm_version = fm_bundle.manifest.tag
+    at = cfg.fm_history_at
+    if at not in ("impressions", "events"):
+        raise ValueError(f"fm_history_at must be impressions or events, not {at!r}")
+    entries = history_entries(fm_bundle, s, raw_event_items, at, cfg.fm_history_stride)
+    if cfg.fm_history_encoder is not None:
+        encoder = load_encoder(cfg.fm_history_encoder)
+        if encoder.fm_version != fm_version:
+            raise ValueError(
+                f"{cfg.fm_history_encoder}: the encoder is for FM {encoder.fm_version}, "
+                f"the fm bundle is {fm_version}"
+            )
+    else:
+        if cfg.fm_history_encoding not in ("fp32", "int8", "int4"):
+            raise ValueError(
+                f"fm_history_encoding must be fp32, int8 or int4, not {cfg.fm_history_encoding!r}"
+            )
+        rows = fit_rows(entries, s, s.split != TRAIN)
+        if rows.sum() < 2:
+            raise ValueError(
+                "too few FM-history entries before the evaluated impressions to fit the encoder on"
+            )
+        encoder = PcaEncoder.fit(
+            entries.vectors[rows], fm_version=fm_version, encoding=cfg.fm_history_encoding, seed=cfg.seed
+        )
+    dim = encoder.dim if cfg.fm_history_dim is None else cfg.fm_history_dim
+    join = join_history(
+        entries, served_vectors(encoder, entries, dim), s, cfg.fm_history, cfg.fm_history_lag_s
+    )
+    spec = {
+        "length": cfg.fm_history,
+        "dim": dim,
+        "fm_version": fm_version,
+        "encoder_version": encoder.version,
+        "encoding": encoder.encoding,
+        "lag_s": cfg.fm_history_lag_s,
+        "stored_dim": encoder.dim,
+        "at": at,
+        "stride": cfg.fm_history_stride,
+        "encoder_file": ENCODER_FILE,
+        "entries": len(entries),
+        # share of impressions with at least one entry, and their mean count
+        "coverage": float(np.mean(join.end > join.start)) if len(join.end) else 0.0,
+        "mean_entries": float(np.mean(join.end - join.start)) if len(join.end) else 0.0,
+    }
+    return FmHistory(join, encoder, spec)
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:

@@ -7,13 +7,14 @@ import enum
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from feature_store import codec
+from feature_store import codec, fm_history
 from feature_store.errors import CorruptFeatureData, InvalidFeatureData
+from feature_store.fm_history import HistoryEntries
 
 logger = logging.getLogger("dare.feature_store")
 
@@ -21,6 +22,11 @@ DEFAULT_MAX_LEN = 10_000
 # The largest per-user cap a store accepts: 12 MB of records per user, one GET per read. Lifelong
 # histories of 100,000 events (1.2 MB) are well inside it.
 MAX_LEN_LIMIT = 1_000_000
+# FM-history entries kept per user (all versions together): a ranker reads the newest tens of them,
+# and a switch of FM version or encoder holds two sets for a while. 256 INT4 entries of 32 dims are
+# 9 kB.
+DEFAULT_FM_HISTORY_MAX_LEN = 256
+FM_HISTORY_MAX_LEN_LIMIT = 65_536
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -62,11 +68,12 @@ FM_MISS = FmLookup(FmStatus.MISS, None, None, None)
 
 @dataclass(frozen=True, slots=True, eq=False)
 class UserFeatures:
-    """Everything the ranker reads about one user."""
+    """Everything the ranker reads about one user; `fm_history` only when the read asked for it."""
 
     user_id: str
     sequence: UserSequence
     fm: FmLookup
+    fm_history: HistoryEntries | None = None
 
 
 @dataclass(slots=True)
@@ -81,20 +88,37 @@ class StoreStats:
 class FeatureStore(abc.ABC):
     """Async store of behavior sequences and FM embeddings; Redis and in-memory behave identically."""
 
-    def __init__(self, *, max_len: int = DEFAULT_MAX_LEN, fm_ttl_s: float | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        max_len: int = DEFAULT_MAX_LEN,
+        fm_ttl_s: float | None = None,
+        fm_history_max_len: int = DEFAULT_FM_HISTORY_MAX_LEN,
+    ) -> None:
         if not 0 < max_len <= MAX_LEN_LIMIT:
             raise ValueError(f"max_len must lie in [1, {MAX_LEN_LIMIT:,}], got {max_len}")
         if fm_ttl_s is not None and fm_ttl_s <= 0:
             raise ValueError(f"fm_ttl_s must be positive or None, got {fm_ttl_s}")
+        if not 0 < fm_history_max_len <= FM_HISTORY_MAX_LEN_LIMIT:
+            raise ValueError(
+                f"fm_history_max_len must lie in [1, {FM_HISTORY_MAX_LEN_LIMIT:,}], got {fm_history_max_len}"
+            )
         self.max_len = max_len
         self.fm_ttl_s = fm_ttl_s
+        self.fm_history_max_len = fm_history_max_len
         self.stats = StoreStats()
 
     @abc.abstractmethod
     async def read_users(
-        self, user_ids: list[str], *, fm_version: str | None = None, max_len: int | None = None
+        self,
+        user_ids: list[str],
+        *,
+        fm_version: str | None = None,
+        max_len: int | None = None,
+        fm_history: bool = False,
     ) -> list[UserFeatures]:
-        """Sequences and FM embeddings of many users in one round trip (on corruption: CorruptFeatureData)."""
+        """Sequences and FM embeddings of many users in one round trip (on corruption: CorruptFeatureData);
+        with `fm_history`, every stored FM-history entry of each user too (the core chooses among them)."""
 
     @abc.abstractmethod
     async def read_sequence(self, user_id: str, max_len: int | None = None) -> UserSequence:
@@ -113,6 +137,23 @@ class FeatureStore(abc.ABC):
         self, version: str, user_ids: list[str], vectors: np.ndarray, *, written_at: float | None = None
     ) -> None:
         """Store one FM embedding per user under `version`, keeping the active version's vector too."""
+
+    @abc.abstractmethod
+    async def write_fm_history(
+        self, fm_version: str, encoder_version: str, histories: Mapping[str, Sequence[bytes]]
+    ) -> None:
+        """Replace each user's FM-history entries of (`fm_version`, `encoder_version`) with the given
+        packed entries (`fm_history.encode_entries`), keeping the entries of other encoders of the same
+        FM and of the active FM version, and at most `fm_history_max_len` in all, the new ones first."""
+
+    @abc.abstractmethod
+    async def append_fm_history(self, user_id: str, entries: Sequence[bytes]) -> int:
+        """Append packed entries to a user's FM history, keep the newest `fm_history_max_len`; returns
+        the new count."""
+
+    @abc.abstractmethod
+    async def read_fm_history(self, user_id: str) -> HistoryEntries:
+        """Every stored FM-history entry of one user, in stored order (empty for an unknown user)."""
 
     @abc.abstractmethod
     async def set_active_fm_version(self, version: str) -> None:
@@ -173,6 +214,40 @@ class FeatureStore(abc.ABC):
         vectors = vectors.astype(np.float32, copy=False)
         return [codec.encode_fm(row, at) for row in vectors]
 
+    def _history_for_write(
+        self, fm_version: str, encoder_version: str, histories: Mapping[str, Sequence[bytes]]
+    ) -> dict[str, list[bytes]]:
+        """Each user's new entries, checked to be of the named versions, stably ordered by time, the
+        newest `fm_history_max_len` kept."""
+        check_version(fm_version)
+        check_version(encoder_version)
+        wanted = (fm_history.version_id(fm_version), fm_history.version_id(encoder_version))
+        out: dict[str, list[bytes]] = {}
+        for uid, blobs in histories.items():
+            entries = self._checked_entries(blobs)
+            other = (entries.fm_ids != wanted[0]) | (entries.encoder_ids != wanted[1])
+            if bool(other.any()):
+                raise InvalidFeatureData(
+                    f"FM-history entries of user {uid!r} are not of FM {fm_version!r} and encoder "
+                    f"{encoder_version!r}"
+                )
+            order = np.argsort(entries.times, kind="stable")[-self.fm_history_max_len :]
+            out[uid] = [entries.blobs[i] for i in order]
+        return out
+
+    @staticmethod
+    def _checked_entries(blobs: Sequence[bytes]) -> HistoryEntries:
+        try:
+            return fm_history.parse_entries(blobs)
+        except codec.CodecError as exc:
+            raise InvalidFeatureData(f"not FM-history entries: {exc}") from exc
+
+    def _decode_history(self, user_id: str, blobs: Sequence[bytes]) -> HistoryEntries | str:
+        try:
+            return fm_history.parse_entries(blobs)
+        except codec.CodecError as exc:
+            return self._corrupt(user_id, "FM history", exc)
+
     def _corrupt(self, user_id: str, what: str, reason: object) -> str:
         """Count and log one corrupt value; returns the message naming the user."""
         self.stats.corrupt_reads += 1
@@ -197,6 +272,7 @@ class FeatureStore(abc.ABC):
         fm_fields: Mapping[bytes, bytes],
         wanted_version: str | None,
         now: float,
+        history: Sequence[bytes] | None = None,
     ) -> UserFeatures | str:
         """Decode one user's stored values; returns the corruption message instead when they are bad."""
         try:
@@ -208,7 +284,10 @@ class FeatureStore(abc.ABC):
             fm = select_fm(fm_fields, wanted_version, self.fm_ttl_s, now)
         except codec.CodecError as exc:
             return self._corrupt(user_id, "FM embedding", exc)
-        return UserFeatures(user_id, UserSequence(items, timestamps), fm)
+        entries = None if history is None else self._decode_history(user_id, history)
+        if isinstance(entries, str):
+            return entries
+        return UserFeatures(user_id, UserSequence(items, timestamps), fm, entries)
 
     def _finish_batch(self, user_ids: list[str], decoded: list[UserFeatures | str]) -> list[UserFeatures]:
         """Return the batch, or raise one CorruptFeatureData naming every corrupt user in it."""

@@ -10,7 +10,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.maint_notifications import MaintNotificationsConfig
 
-from feature_store.base import DEFAULT_MAX_LEN, FeatureStore
+from feature_store.base import DEFAULT_FM_HISTORY_MAX_LEN, DEFAULT_MAX_LEN, FeatureStore
 from feature_store.log_store import DEFAULT_LOG_MAXLEN, InMemoryLogStore, LogStore, RedisLogStore
 from feature_store.memory_store import InMemoryFeatureStore
 from feature_store.redis_store import RedisFeatureStore
@@ -25,10 +25,11 @@ def open_feature_store(
     fm_ttl_s: float | None = None,
     pool_size: int = 64,
     namespace: str = "dare",
+    fm_history_max_len: int = DEFAULT_FM_HISTORY_MAX_LEN,
 ) -> FeatureStore:
     """A Redis-backed store for `redis_url` (a Redis Cluster when `cluster`), in-memory when None."""
     if redis_url is None:
-        return InMemoryFeatureStore(max_len=max_len, fm_ttl_s=fm_ttl_s)
+        return InMemoryFeatureStore(max_len=max_len, fm_ttl_s=fm_ttl_s, fm_history_max_len=fm_history_max_len)
     return RedisFeatureStore(
         redis_client(redis_url, cluster=cluster, timeout_s=timeout_s, pool_size=pool_size),
         timeout_s=timeout_s,
@@ -36,6 +37,7 @@ def open_feature_store(
         fm_ttl_s=fm_ttl_s,
         pool_size=pool_size,
         namespace=namespace,
+        fm_history_max_len=fm_history_max_len,
     )
 
 

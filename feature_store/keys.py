@@ -46,8 +46,8 @@ def decode_user_id(tag: bytes) -> str:
 
 @dataclass(frozen=True, slots=True)
 class KeySpace:
-    """Builds the keys of one namespace: `<ns>:seq:{<uid>}`, `<ns>:fm:{<uid>}`, `<ns>:fm:active`,
-    and the log streams `<ns>:log:impressions`, `<ns>:log:events`."""
+    """Builds the keys of one namespace: `<ns>:seq:{<uid>}`, `<ns>:fm:{<uid>}`, `<ns>:fmh:{<uid>}`,
+    `<ns>:fm:active`, and the log streams `<ns>:log:impressions`, `<ns>:log:events`."""
 
     namespace: str = "dare"
     _prefix: bytes = field(init=False, repr=False, compare=False)
@@ -65,6 +65,10 @@ class KeySpace:
     def fm(self, user_id: str) -> bytes:
         """Key of the user's FM embeddings (a hash: FM version -> encoded vector)."""
         return b"%s:fm:{%s}" % (self._prefix, encode_user_id(user_id))
+
+    def fm_history(self, user_id: str) -> bytes:
+        """Key of the user's FM-history entries (a list of packed entries, `feature_store.fm_history`)."""
+        return b"%s:fmh:{%s}" % (self._prefix, encode_user_id(user_id))
 
     def fm_active(self) -> bytes:
         """Key of the active FM version pointer (a string)."""

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from feature_store import codec
-from feature_store.base import DEFAULT_MAX_LEN, FeatureStore, UserFeatures, UserSequence, check_version
+from feature_store.base import (
+    DEFAULT_FM_HISTORY_MAX_LEN,
+    DEFAULT_MAX_LEN,
+    FeatureStore,
+    UserFeatures,
+    UserSequence,
+    check_version,
+)
 from feature_store.errors import CorruptFeatureData
+from feature_store.fm_history import VERSION_IDS, HistoryEntries, version_id
 
 
 class InMemoryFeatureStore(FeatureStore):
@@ -19,10 +27,17 @@ class InMemoryFeatureStore(FeatureStore):
     here; values are kept encoded so that capping, ordering and corruption behave as in Redis.
     """
 
-    def __init__(self, *, max_len: int = DEFAULT_MAX_LEN, fm_ttl_s: float | None = None) -> None:
-        super().__init__(max_len=max_len, fm_ttl_s=fm_ttl_s)
+    def __init__(
+        self,
+        *,
+        max_len: int = DEFAULT_MAX_LEN,
+        fm_ttl_s: float | None = None,
+        fm_history_max_len: int = DEFAULT_FM_HISTORY_MAX_LEN,
+    ) -> None:
+        super().__init__(max_len=max_len, fm_ttl_s=fm_ttl_s, fm_history_max_len=fm_history_max_len)
         self._sequences: dict[str, bytearray] = {}
         self._fm: dict[str, dict[bytes, bytes]] = {}
+        self._fm_history: dict[str, list[bytes]] = {}
         self._active: str | None = None
 
     def _tail(self, user_id: str, n_events: int) -> tuple[bytes, int]:
@@ -33,14 +48,26 @@ class InMemoryFeatureStore(FeatureStore):
         return bytes(buf[-n_events * codec.EVENT_BYTES :]), len(buf)
 
     async def read_users(
-        self, user_ids: list[str], *, fm_version: str | None = None, max_len: int | None = None
+        self,
+        user_ids: list[str],
+        *,
+        fm_version: str | None = None,
+        max_len: int | None = None,
+        fm_history: bool = False,
     ) -> list[UserFeatures]:
-        """Sequences and FM embeddings of many users."""
+        """Sequences and FM embeddings of many users (and their FM-history entries)."""
         n_events = self._read_len(max_len)
         wanted = fm_version if fm_version is not None else self._active
         now = time.time()
         decoded = [
-            self._decode_user(uid, *self._tail(uid, n_events), self._fm.get(uid, {}), wanted, now)
+            self._decode_user(
+                uid,
+                *self._tail(uid, n_events),
+                self._fm.get(uid, {}),
+                wanted,
+                now,
+                list(self._fm_history.get(uid, ())) if fm_history else None,
+            )
             for uid in user_ids
         ]
         return self._finish_batch(user_ids, decoded)
@@ -86,6 +113,44 @@ class InMemoryFeatureStore(FeatureStore):
             fields[version.encode()] = blob
             for stale in [f for f in fields if f not in keep]:
                 del fields[stale]
+
+    async def write_fm_history(
+        self, fm_version: str, encoder_version: str, histories: Mapping[str, Sequence[bytes]]
+    ) -> None:
+        """Replace each user's entries of the two versions, with the rules of the Redis write script."""
+        new = self._history_for_write(fm_version, encoder_version, histories)
+        pair = version_id(fm_version).to_bytes(4, "little") + version_id(encoder_version).to_bytes(
+            4, "little"
+        )
+        keep_fm = {pair[:4], version_id(self._active).to_bytes(4, "little") if self._active else b""}
+        for uid, entries in new.items():
+            kept = [
+                e
+                for e in self._fm_history.get(uid, ())
+                if e[VERSION_IDS] != pair and e[VERSION_IDS][:4] in keep_fm
+            ]
+            merged = (kept + entries)[-self.fm_history_max_len :]
+            if merged:
+                self._fm_history[uid] = merged
+            else:
+                self._fm_history.pop(uid, None)
+
+    async def append_fm_history(self, user_id: str, entries: Sequence[bytes]) -> int:
+        """Append entries and keep the newest `fm_history_max_len`."""
+        checked = self._checked_entries(entries)
+        stored = self._fm_history.setdefault(user_id, [])
+        stored += checked.blobs
+        del stored[: max(0, len(stored) - self.fm_history_max_len)]
+        if not stored:
+            del self._fm_history[user_id]
+        return len(stored)
+
+    async def read_fm_history(self, user_id: str) -> HistoryEntries:
+        """Every stored entry of one user."""
+        found = self._decode_history(user_id, self._fm_history.get(user_id, []))
+        if isinstance(found, str):
+            raise CorruptFeatureData(found, user_ids=[user_id])
+        return found
 
     async def set_active_fm_version(self, version: str) -> None:
         """Point readers at `version`."""

@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import time
 from asyncio import timeout as _timeout
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -15,8 +15,16 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from feature_store import codec
-from feature_store.base import DEFAULT_MAX_LEN, FeatureStore, UserFeatures, UserSequence, check_version
+from feature_store.base import (
+    DEFAULT_FM_HISTORY_MAX_LEN,
+    DEFAULT_MAX_LEN,
+    FeatureStore,
+    UserFeatures,
+    UserSequence,
+    check_version,
+)
 from feature_store.errors import CorruptFeatureData, FeatureStoreError, FeatureStoreUnavailable
+from feature_store.fm_history import HistoryEntries, version_id
 from feature_store.keys import KeySpace
 
 T = TypeVar("T")
@@ -56,7 +64,47 @@ end
 return #fields
 """
 
-_SHA = {script: hashlib.sha1(script.encode()).hexdigest() for script in (APPEND_SCRIPT, FM_WRITE_SCRIPT)}
+# Replaces one (FM, encoder) version pair's FM-history entries atomically. ARGV: the pair's 8 id bytes
+# (bytes 9-16 of an entry), the active FM's 4 id bytes (or empty), the cap, then the new entries.
+# Entries of the written FM (other encoders) and of the active FM are kept, ahead of the new ones,
+# so a reader of the version in use keeps its entries while another is written; everything else is
+# dropped. The cap keeps the newest positions: the written entries first. RPUSH in pieces, because
+# Lua's unpack has a limit of a few thousand values.
+FM_HISTORY_WRITE_SCRIPT = """
+local pair = ARGV[1]
+local written_fm = string.sub(pair, 1, 4)
+local keep_fm = ARGV[2]
+local cap = tonumber(ARGV[3])
+local entries = {}
+for _, e in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+  local fm = string.sub(e, 9, 12)
+  if string.sub(e, 9, 16) ~= pair and (fm == written_fm or fm == keep_fm) then
+    entries[#entries + 1] = e
+  end
+end
+for i = 4, #ARGV do entries[#entries + 1] = ARGV[i] end
+redis.call('DEL', KEYS[1])
+local first = math.max(1, #entries - cap + 1)
+for i = first, #entries, 1000 do
+  redis.call('RPUSH', KEYS[1], unpack(entries, i, math.min(i + 999, #entries)))
+end
+return #entries - first + 1
+"""
+
+# Appends entries and keeps the newest `cap` (ARGV[1]); returns the count kept.
+FM_HISTORY_APPEND_SCRIPT = """
+local cap = tonumber(ARGV[1])
+for i = 2, #ARGV, 1000 do
+  redis.call('RPUSH', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+redis.call('LTRIM', KEYS[1], -cap, -1)
+return redis.call('LLEN', KEYS[1])
+"""
+
+_SHA = {
+    script: hashlib.sha1(script.encode()).hexdigest()
+    for script in (APPEND_SCRIPT, FM_WRITE_SCRIPT, FM_HISTORY_WRITE_SCRIPT, FM_HISTORY_APPEND_SCRIPT)
+}
 
 # Errors meaning "the store is not there right now" (the service answers 503). RedisClusterException
 # is what the cluster client raises when no node of the topology answers.
@@ -108,8 +156,9 @@ class RedisFeatureStore(FeatureStore):
         fm_ttl_s: float | None = None,
         pool_size: int = 64,
         namespace: str = "dare",
+        fm_history_max_len: int = DEFAULT_FM_HISTORY_MAX_LEN,
     ) -> None:
-        super().__init__(max_len=max_len, fm_ttl_s=fm_ttl_s)
+        super().__init__(max_len=max_len, fm_ttl_s=fm_ttl_s, fm_history_max_len=fm_history_max_len)
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
         self._client = client
@@ -175,11 +224,18 @@ class RedisFeatureStore(FeatureStore):
             return await self._client.eval(script, 1, key, *args)
 
     async def read_users(
-        self, user_ids: list[str], *, fm_version: str | None = None, max_len: int | None = None
+        self,
+        user_ids: list[str],
+        *,
+        fm_version: str | None = None,
+        max_len: int | None = None,
+        fm_history: bool = False,
     ) -> list[UserFeatures]:
-        """Sequences and FM embeddings of many users in one pipeline (grouped by node on a cluster)."""
+        """Sequences and FM embeddings (and FM histories) of many users in one pipeline (grouped by node
+        on a cluster)."""
         n_bytes = self._read_len(max_len) * codec.EVENT_BYTES
-        width = self._sequence_width(n_bytes) + 1
+        seq_width = self._sequence_width(n_bytes)
+        width = seq_width + 1 + int(fm_history)
         if not user_ids:
             return []
 
@@ -190,6 +246,9 @@ class RedisFeatureStore(FeatureStore):
             for uid in user_ids:
                 self._queue_sequence(pipe, self.keys.sequence(uid), n_bytes)
                 pipe.hgetall(self.keys.fm(uid))
+                if fm_history:
+                    # the whole list: it is capped, and which entries fit a request is decided later
+                    pipe.lrange(self.keys.fm_history(uid), 0, -1)
             return await self._execute(pipe)
 
         results = await self._call("read_users", run)
@@ -205,8 +264,9 @@ class RedisFeatureStore(FeatureStore):
             if error is not None:
                 decoded.append(self._data_error(uid, error))
                 continue
-            tail, total = _split_sequence(replies[:-1], n_bytes)
-            decoded.append(self._decode_user(uid, tail, total, replies[-1], wanted, now))
+            tail, total = _split_sequence(replies[:seq_width], n_bytes)
+            history = replies[seq_width + 1] if fm_history else None
+            decoded.append(self._decode_user(uid, tail, total, replies[seq_width], wanted, now, history))
         return self._finish_batch(user_ids, decoded)
 
     def _sequence_width(self, n_bytes: int) -> int:
@@ -327,33 +387,119 @@ class RedisFeatureStore(FeatureStore):
             await self._write_fm_chunk(version.encode(), pairs[start : start + _CHUNK_USERS], keep)
 
     async def _write_fm_chunk(self, version: bytes, chunk: list[tuple[str, bytes]], keep: bytes) -> None:
-        async def run() -> list[Any]:
-            pipe = self._client.pipeline(transaction=False)
-            for uid, blob in chunk:
-                # Through execute_command: redis-py blocks the evalsha *method* on cluster pipelines,
-                # but the command routes by its key like any other; NOSCRIPT is handled below.
-                pipe.execute_command(
-                    "EVALSHA", _SHA[FM_WRITE_SCRIPT], 1, self.keys.fm(uid), version, blob, keep
-                )
-            results = await self._execute(pipe)
-            missing = [i for i, r in enumerate(results) if isinstance(r, rexc.NoScriptError)]
-            if missing:
-                # A node that has not cached the script yet: resend those writes with the body.
-                retry = self._client.pipeline(transaction=False)
-                for i in missing:
-                    uid, blob = chunk[i]
-                    retry.eval(FM_WRITE_SCRIPT, 1, self.keys.fm(uid), version, blob, keep)
-                for i, result in zip(missing, await self._execute(retry), strict=True):
-                    results[i] = result
-            return results
+        calls: list[tuple[bytes, list[bytes | int]]] = [
+            (self.keys.fm(uid), [version, blob, keep]) for uid, blob in chunk
+        ]
+        results = await self._call("write_fm_embeddings", lambda: self._eval_each(FM_WRITE_SCRIPT, calls))
+        self._check_script_writes(
+            "write_fm_embeddings", "FM key", "a hash", [uid for uid, _ in chunk], results
+        )
 
-        results = await self._call("write_fm_embeddings", run)
-        bad = [uid for (uid, _), r in zip(chunk, results, strict=True) if _wrong_data(r)]
+    async def _eval_each(self, script: str, calls: list[tuple[bytes, list[bytes | int]]]) -> list[Any]:
+        """One pipeline running `script` once per (key, args); per-call errors stay in the results."""
+        pipe = self._client.pipeline(transaction=False)
+        for key, args in calls:
+            # Through execute_command: redis-py blocks the evalsha *method* on cluster pipelines,
+            # but the command routes by its key like any other; NOSCRIPT is handled below.
+            pipe.execute_command("EVALSHA", _SHA[script], 1, key, *args)
+        results = await self._execute(pipe)
+        missing = [i for i, r in enumerate(results) if isinstance(r, rexc.NoScriptError)]
+        if missing:
+            # A node that has not cached the script yet: resend those calls with the body.
+            retry = self._client.pipeline(transaction=False)
+            for i in missing:
+                key, args = calls[i]
+                retry.eval(script, 1, key, *args)
+            for i, result in zip(missing, await self._execute(retry), strict=True):
+                results[i] = result
+        return results
+
+    def _check_script_writes(
+        self, what: str, key_kind: str, type_name: str, user_ids: list[str], results: list[Any]
+    ) -> None:
+        """Raise CorruptFeatureData for users whose key held the wrong type, else the first other error."""
+        bad = [uid for uid, r in zip(user_ids, results, strict=True) if _wrong_data(r)]
         if bad:
             for uid in bad:
-                self._corrupt(uid, "FM key", "holds a value that is not a hash")
-            raise CorruptFeatureData(f"FM keys of users {bad!r} hold the wrong type", user_ids=bad)
-        self._raise_first_error("write_fm_embeddings", results)
+                self._corrupt(uid, key_kind, f"holds a value that is not {type_name}")
+            raise CorruptFeatureData(f"{key_kind}s of users {bad!r} hold the wrong type", user_ids=bad)
+        self._raise_first_error(what, results)
+
+    async def write_fm_history(
+        self, fm_version: str, encoder_version: str, histories: Mapping[str, Sequence[bytes]]
+    ) -> None:
+        """Replace each user's entries of the two versions (one Lua script per user), in pipelines of at
+        most ~4 MB / 2,000 users."""
+        new = self._history_for_write(fm_version, encoder_version, histories)
+        pair = version_id(fm_version).to_bytes(4, "little") + version_id(encoder_version).to_bytes(
+            4, "little"
+        )
+        active = await self.active_fm_version()
+        keep = version_id(active).to_bytes(4, "little") if active is not None else b""
+        cap = self.fm_history_max_len
+        chunk: list[tuple[str, list[bytes]]] = []
+        size = 0
+        for uid, entries in new.items():
+            chunk.append((uid, entries))
+            size += sum(map(len, entries))
+            if size >= _CHUNK_BYTES or len(chunk) >= _CHUNK_USERS:
+                await self._write_history_chunk(chunk, pair, keep, cap)
+                chunk, size = [], 0
+        if chunk:
+            await self._write_history_chunk(chunk, pair, keep, cap)
+
+    async def _write_history_chunk(
+        self, chunk: list[tuple[str, list[bytes]]], pair: bytes, keep: bytes, cap: int
+    ) -> None:
+        calls: list[tuple[bytes, list[bytes | int]]] = [
+            (self.keys.fm_history(uid), [pair, keep, cap, *entries]) for uid, entries in chunk
+        ]
+        results = await self._call(
+            "write_fm_history", lambda: self._eval_each(FM_HISTORY_WRITE_SCRIPT, calls)
+        )
+        self._check_script_writes(
+            "write_fm_history", "FM-history key", "a list", [u for u, _ in chunk], results
+        )
+
+    async def append_fm_history(self, user_id: str, entries: Sequence[bytes]) -> int:
+        """Append entries and trim to the newest `fm_history_max_len`, atomically server-side."""
+        checked = self._checked_entries(entries)
+        key = self.keys.fm_history(user_id)
+
+        async def run() -> int:
+            try:
+                if not checked.blobs:
+                    return int(await self._client.llen(key))
+                return int(
+                    await self._eval(FM_HISTORY_APPEND_SCRIPT, key, self.fm_history_max_len, *checked.blobs)
+                )
+            except rexc.ResponseError as exc:
+                if not _wrong_data(exc):
+                    raise
+                message = self._corrupt(user_id, "FM-history key", exc)
+                raise CorruptFeatureData(message, user_ids=[user_id]) from exc
+
+        return await self._call("append_fm_history", run)
+
+    async def read_fm_history(self, user_id: str) -> HistoryEntries:
+        """Every stored entry of one user, in one LRANGE."""
+        key = self.keys.fm_history(user_id)
+
+        async def run() -> list[Any] | Exception:
+            try:
+                return list(await self._client.lrange(key, 0, -1))
+            except rexc.ResponseError as exc:
+                if not _wrong_data(exc):
+                    raise
+                return exc
+
+        found = await self._call("read_fm_history", run)
+        if isinstance(found, Exception):
+            raise CorruptFeatureData(self._data_error(user_id, found), user_ids=[user_id]) from found
+        decoded = self._decode_history(user_id, found)
+        if isinstance(decoded, str):
+            raise CorruptFeatureData(decoded, user_ids=[user_id])
+        return decoded
 
     def _raise_first_error(self, what: str, results: list[Any]) -> None:
         error = next((r for r in results if isinstance(r, Exception)), None)

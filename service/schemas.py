@@ -59,6 +59,18 @@ class ExplainedCandidate(BaseModel):
     behaviors: list[ExplainedBehavior]
 
 
+class FmHistorySummary(BaseModel):
+    """The user's FM-history entries as a variant trained with an FM history read them."""
+
+    entries: int = Field(
+        description="entries fed to the ranker: the newest of its FM and encoder versions before the "
+        "request time, up to the length it was trained with"
+    )
+    stale: int = Field(
+        description="entries before the request time left out: of another FM or encoder version"
+    )
+
+
 class UserSummary(BaseModel):
     """What the service found about the user."""
 
@@ -66,7 +78,12 @@ class UserSummary(BaseModel):
         description="behaviors read and searched (the newest stored, up to the variant's search depth)"
     )
     fm_embedding: Literal["hit", "miss", "stale"]
-    cold_start: bool = Field(description="no behaviors and no FM embedding fed to the ranker")
+    cold_start: bool = Field(
+        description="no behaviors, no FM embedding and no FM-history entries fed to the ranker"
+    )
+    fm_history: FmHistorySummary | None = Field(
+        None, description="only for a variant trained with an FM history (absent otherwise)"
+    )
 
 
 class ScoreResponse(BaseModel):

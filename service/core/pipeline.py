@@ -3,7 +3,9 @@
 Stage 2 is fed straight from stage 1: each candidate's retrieved positions and their scores (the
 attention logits before scaling), with each distinct retrieved behavior of a request passed once.
 A ranker trained with `recent_k` > 0 has its newest behaviors kept in front of the searched ones
-(`Stage1Engine.search`), as in training.
+(`Stage1Engine.search`), as in training. A ranker trained with an FM history gets the newest of the
+user's stored entries of its FM and encoder versions before the request time, decoded
+(`fm_history_input`).
 
 Plain synchronous numpy / FAISS / ONNX Runtime: the service runs `score_jobs` in a worker thread,
 benchmarks and tests call it directly. No I/O, no asyncio, no HTTP.
@@ -18,9 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from exporters.bundle import Bundle, Manifest
+from exporters.bundle import Bundle, FmHistorySpec, Manifest
 from exporters.features import N_TIME_BUCKETS, time_buckets
 from feature_store.base import FmLookup, FmStatus
+from feature_store.fm_history import HistoryEntries, select_history
 from service.core.ranking import FeedPool, RankInput, rank_batch, rank_input
 from service.core.search import Stage1Engine, checked_result, search_pairs
 
@@ -49,11 +52,14 @@ class ScoringModel:
         m = bundle.manifest
         if not 0 <= recent_k_of(m) <= m.top_k:
             raise ValueError(f"{bundle.path}: recent_k {recent_k_of(m)} outside [0, top_k={m.top_k}]")
-        model = cls(bundle, FeedPool(m.top_k, m.dims.fm), tuple(bundle.session.get_providers()), time.time())
+        history_dim = m.fm_history.dim if m.fm_history is not None else 0
+        pool = FeedPool(m.top_k, m.dims.fm, fm_history_dim=history_dim)
+        model = cls(bundle, pool, tuple(bundle.session.get_providers()), time.time())
+        history = (m.fm_history.length, m.fm_history.dim) if m.fm_history is not None else None
         # a small run first: measured, a large first run alone left later batches as slow as unwarmed
-        score_jobs(model, warm_jobs(m.n_items, m.top_k, m.dims.fm, 2, 1))
+        score_jobs(model, warm_jobs(m.n_items, m.top_k, m.dims.fm, 2, 1, history))
         if warm_batch * warm_candidates > 2:
-            score_jobs(model, warm_jobs(m.n_items, m.top_k, m.dims.fm, warm_batch, warm_candidates))
+            score_jobs(model, warm_jobs(m.n_items, m.top_k, m.dims.fm, warm_batch, warm_candidates, history))
         return model
 
     @property
@@ -80,6 +86,11 @@ class ScoringModel:
     @property
     def fm_version(self) -> str | None:
         return self.bundle.manifest.fm_version
+
+    @property
+    def fm_history(self) -> FmHistorySpec | None:
+        """Which FM-history entries the ranker reads; None: it takes none."""
+        return self.bundle.manifest.fm_history
 
     @property
     def max_seq_len(self) -> int:
@@ -113,14 +124,48 @@ def fm_input(
 
 
 @dataclass(frozen=True, slots=True, eq=False)
+class HistoryInput:
+    """The FM-history entries fed to a request (None: none, or the ranker takes none), and how many of
+    the user's entries before the request were left out as stale (another FM or encoder version)."""
+
+    vectors: np.ndarray | None
+    stale: int = 0
+
+    @property
+    def used(self) -> int:
+        return 0 if self.vectors is None else len(self.vectors)
+
+
+NO_HISTORY = HistoryInput(None)
+
+
+def fm_history_input(spec: FmHistorySpec | None, entries: HistoryEntries | None, now: int) -> HistoryInput:
+    """The newest `spec.length` stored entries of the ranker's FM and encoder versions strictly before
+    `now`, decoded to the graph's prefix; entries of other versions are left out and counted."""
+    if spec is None or entries is None or len(entries) == 0:
+        return NO_HISTORY
+    chosen = select_history(
+        entries,
+        now=now,
+        fm_version=spec.fm_version,
+        encoder_version=spec.encoder_version,
+        length=spec.length,
+        prefix=spec.dim,
+    )
+    return HistoryInput(chosen.vectors if len(chosen) else None, chosen.stale)
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class PreparedJob:
-    """One request in bundle rows: candidates [C], the user's behaviors [L] with time buckets."""
+    """One request in bundle rows: candidates [C], the user's behaviors [L] with time buckets, and the
+    FM inputs (the cached vector [d_fm], FM-history entries [n, d'])."""
 
     cand_rows: np.ndarray
     beh_rows: np.ndarray
     beh_buckets: np.ndarray
     fm: np.ndarray | None
     unknown_candidates: int
+    fm_history: np.ndarray | None = None
 
 
 def prepare_job(
@@ -130,24 +175,34 @@ def prepare_job(
     timestamps: np.ndarray,
     now: int,
     fm: np.ndarray | None,
+    fm_history: np.ndarray | None = None,
 ) -> PreparedJob:
     """Map raw candidate and behavior ids to rows (unknown: row 0) and behavior ages to buckets."""
     cand_rows = model.bundle.rows(candidates)
     beh_rows = model.bundle.rows(items)
     buckets = time_buckets(np.int64(now) - np.asarray(timestamps, np.int64))
-    return PreparedJob(cand_rows, beh_rows, buckets, fm, int(np.count_nonzero(cand_rows == 0)))
+    return PreparedJob(cand_rows, beh_rows, buckets, fm, int(np.count_nonzero(cand_rows == 0)), fm_history)
 
 
-def warm_jobs(n_items: int, top_k: int, fm_dim: int, batch: int, candidates: int) -> list[PreparedJob]:
+def warm_jobs(
+    n_items: int,
+    top_k: int,
+    fm_dim: int,
+    batch: int,
+    candidates: int,
+    fm_history: tuple[int, int] | None = None,
+) -> list[PreparedJob]:
     """`batch` requests of `candidates` candidates over distinct behaviors, as many as a request's
-    stage 1 can retrieve (candidates x K) up to 4,096: the feed shapes of a large real batch."""
+    stage 1 can retrieve (candidates x K) up to 4,096: the feed shapes of a large real batch (with
+    `fm_history` = (length, dim), that many FM-history entries each)."""
     known = max(n_items - 1, 1)
     length = min(candidates * top_k, 4096)
     cand_rows = np.arange(candidates, dtype=np.int64) % known + 1
     beh_rows = np.arange(length, dtype=np.int64) % known + 1
     buckets = np.arange(length, dtype=np.int64) % N_TIME_BUCKETS
     fm = np.zeros(fm_dim, np.float32) if fm_dim else None
-    return [PreparedJob(cand_rows, beh_rows, buckets, fm, 0) for _ in range(max(batch, 1))]
+    entries = np.zeros(fm_history, np.float32) if fm_history is not None else None
+    return [PreparedJob(cand_rows, beh_rows, buckets, fm, 0, entries) for _ in range(max(batch, 1))]
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -192,7 +247,7 @@ def score_jobs(
     search_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     inputs: list[RankInput] = [
-        rank_input(job.cand_rows, job.beh_rows, job.beh_buckets, pos, sc, job.fm)
+        rank_input(job.cand_rows, job.beh_rows, job.beh_buckets, pos, sc, job.fm, job.fm_history)
         for job, pos, sc in zip(jobs, positions, scores, strict=True)
     ]
     outputs = rank_batch(model.bundle.session, model.feeds, inputs)

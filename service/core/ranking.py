@@ -9,8 +9,9 @@ per (candidate, behavior) pair (`exporters/stage2_graph.py`).
 Requests of a batch have different candidate counts C_i, slot counts k_i <= K and distinct counts
 U_i: each is padded to the batch's largest C with row-0 candidates, its slots to K with index 0,
 score 0 and mask 0 (the graph gives masked slots zero weight), and its behaviors to the batch's
-largest U with row 0, bucket 0 (reached by no unmasked slot). Padding is dropped from the outputs,
-so a request scores the same alone or in any batch.
+largest U with row 0, bucket 0 (reached by no unmasked slot). A ranker with an FM history gets each
+request's decoded entries padded to the batch's largest count H with mask 0. Padding is dropped from
+the outputs, so a request scores the same alone or in any batch.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class RankInput:
     retrieved: np.ndarray
     scores: np.ndarray
     fm: np.ndarray | None  # [fm_dim] float32 when the FM embedding is used, else None
+    fm_history: np.ndarray | None = None  # [n, d'] float32 decoded FM-history entries, oldest first
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -69,6 +71,7 @@ def rank_input(
     positions: np.ndarray,
     scores: np.ndarray,
     fm: np.ndarray | None,
+    fm_history: np.ndarray | None = None,
 ) -> RankInput:
     """One request's stage-2 input from its sequence [L] and stage-1 result (positions, scores [C, k])."""
     distinct, retrieved = distinct_positions(positions, len(beh_rows))
@@ -79,14 +82,24 @@ def rank_input(
         retrieved,
         np.asarray(scores, np.float32),
         fm,
+        fm_history,
     )
 
 
 class _Buffers:
     """Flat input arrays whose prefixes are reshaped into contiguous [B, C(, K)] and [B, U] views."""
 
-    def __init__(self, rows: int, batch: int, distinct: int, top_k: int, fm_dim: int) -> None:
-        self.rows, self.batch, self.distinct = rows, batch, distinct
+    def __init__(
+        self,
+        rows: int,
+        batch: int,
+        distinct: int,
+        top_k: int,
+        fm_dim: int,
+        entries: int = 0,
+        history_dim: int = 0,
+    ) -> None:
+        self.rows, self.batch, self.distinct, self.entries = rows, batch, distinct, entries
         self.candidates = np.zeros(rows, np.int64)
         self.retrieved = np.zeros(rows * top_k, np.int64)
         self.scores = np.zeros(rows * top_k, np.float32)
@@ -95,6 +108,8 @@ class _Buffers:
         self.buckets = np.zeros(distinct, np.int64)
         self.fm = np.zeros(batch * fm_dim, np.float32)
         self.fm_present = np.zeros(batch, np.float32)
+        self.fm_history = np.zeros(entries * history_dim, np.float32)
+        self.fm_history_mask = np.zeros(entries, np.float32)
 
 
 CANDIDATE_ALIGN = 16
@@ -124,21 +139,36 @@ class FeedPool:
     """
 
     def __init__(
-        self, top_k: int, fm_dim: int, rows: int = 4096, batch: int = 64, distinct: int = 16384
+        self,
+        top_k: int,
+        fm_dim: int,
+        rows: int = 4096,
+        batch: int = 64,
+        distinct: int = 16384,
+        fm_history_dim: int = 0,
     ) -> None:
-        self.top_k, self.fm_dim = top_k, fm_dim
-        self._initial = (rows, batch, distinct)
+        self.top_k, self.fm_dim, self.fm_history_dim = top_k, fm_dim, fm_history_dim
+        # FM-history entry rows (batch x entries per request): none without a history input
+        entries = batch * 64 if fm_history_dim else 0
+        self._initial = (rows, batch, distinct, entries)
         self._free: queue.SimpleQueue[_Buffers] = queue.SimpleQueue()
 
-    def _take(self, rows: int, batch: int, distinct: int) -> _Buffers:
+    def _take(self, rows: int, batch: int, distinct: int, entries: int) -> _Buffers:
         try:
             buf = self._free.get_nowait()
         except queue.Empty:
-            buf = _Buffers(*self._initial, self.top_k, self.fm_dim)
-        if buf.rows < rows or buf.batch < batch or buf.distinct < distinct:
-            sizes = (_grown(buf.rows, rows), _grown(buf.batch, batch), _grown(buf.distinct, distinct))
-            buf = _Buffers(*sizes, self.top_k, self.fm_dim)
+            buf = self._buffers(*self._initial)
+        if buf.rows < rows or buf.batch < batch or buf.distinct < distinct or buf.entries < entries:
+            buf = self._buffers(
+                _grown(buf.rows, rows),
+                _grown(buf.batch, batch),
+                _grown(buf.distinct, distinct),
+                _grown(buf.entries, entries) if self.fm_history_dim else 0,
+            )
         return buf
+
+    def _buffers(self, rows: int, batch: int, distinct: int, entries: int) -> _Buffers:
+        return _Buffers(rows, batch, distinct, self.top_k, self.fm_dim, entries, self.fm_history_dim)
 
     def feeds(self, inputs: Sequence[RankInput]) -> tuple[dict[str, np.ndarray], _Buffers]:
         """Padded ONNX feeds of a batch (views into a pooled buffer set) and that set."""
@@ -147,7 +177,9 @@ class FeedPool:
         # at least one behavior column: an all-cold batch still gives the graph a row to gather
         u = max(1, max(len(x.beh_rows) for x in inputs))
         k = self.top_k
-        buf = self._take(b * c, b, b * u)
+        # at least one entry column, for the same reason
+        h = max(1, max(0 if x.fm_history is None else len(x.fm_history) for x in inputs))
+        buf = self._take(b * c, b, b * u, b * h if self.fm_history_dim else 0)
         n = b * c
         candidates = buf.candidates[:n].reshape(b, c)
         behaviors = buf.behaviors[: b * u].reshape(b, u)
@@ -185,6 +217,17 @@ class FeedPool:
                     fm[i] = x.fm
                     present[i] = 1.0
             feeds |= {"fm": fm, "fm_present": present}
+        if self.fm_history_dim:
+            d = self.fm_history_dim
+            history = buf.fm_history[: b * h * d].reshape(b, h, d)
+            history_mask = buf.fm_history_mask[: b * h].reshape(b, h)
+            history.fill(0.0)
+            history_mask.fill(0.0)
+            for i, x in enumerate(inputs):
+                if x.fm_history is not None and len(x.fm_history):
+                    history[i, : len(x.fm_history)] = x.fm_history
+                    history_mask[i, : len(x.fm_history)] = 1.0
+            feeds |= {"fm_history": history, "fm_history_mask": history_mask}
         return feeds, buf
 
     def give_back(self, buf: _Buffers) -> None:
@@ -192,7 +235,7 @@ class FeedPool:
         self._free.put(buf)
 
 
-def check_input(x: RankInput, top_k: int, fm_dim: int) -> None:
+def check_input(x: RankInput, top_k: int, fm_dim: int, fm_history_dim: int = 0) -> None:
     """Raise ValueError if a request's stage-2 input does not fit the graph."""
     c, u = len(x.cand_rows), len(x.beh_rows)
     if x.retrieved.ndim != 2 or x.retrieved.shape != x.scores.shape or x.retrieved.shape[0] != c:
@@ -206,6 +249,10 @@ def check_input(x: RankInput, top_k: int, fm_dim: int) -> None:
         raise ValueError(f"retrieved indices outside [0, {u}), the request's distinct behaviors")
     if x.fm is not None and x.fm.shape != (fm_dim,):
         raise ValueError(f"FM embedding of shape {x.fm.shape}, the graph takes ({fm_dim},)")
+    if x.fm_history is not None and (x.fm_history.ndim != 2 or x.fm_history.shape[1] != fm_history_dim):
+        raise ValueError(
+            f"FM-history entries of shape {x.fm_history.shape}, the graph takes [n, {fm_history_dim}]"
+        )
 
 
 def rank_batch(session: Any, pool: FeedPool, inputs: Sequence[RankInput]) -> list[RankOutput]:
@@ -213,7 +260,7 @@ def rank_batch(session: Any, pool: FeedPool, inputs: Sequence[RankInput]) -> lis
     if not inputs:
         return []
     for x in inputs:
-        check_input(x, pool.top_k, pool.fm_dim)
+        check_input(x, pool.top_k, pool.fm_dim, pool.fm_history_dim)
     feeds, buf = pool.feeds(inputs)
     try:
         probabilities, attention = session.run(["probability", "attention"], feeds)

@@ -38,10 +38,11 @@ def test_tag_is_non_empty_brace_free_and_reversible(user_id: str) -> None:
 @pytest.mark.parametrize("user_id", ODD_IDS)
 def test_all_keys_of_a_user_share_its_slot(user_id: str) -> None:
     keys = KeySpace("dare")
-    seq, fm = keys.sequence(user_id), keys.fm(user_id)
+    seq, fm, history = keys.sequence(user_id), keys.fm(user_id), keys.fm_history(user_id)
     tag = encode_user_id(user_id)
     assert seq == b"dare:seq:{" + tag + b"}" and fm == b"dare:fm:{" + tag + b"}"
-    assert key_slot(seq) == key_slot(fm) == key_slot(b"{" + tag + b"}")
+    assert history == b"dare:fmh:{" + tag + b"}"
+    assert key_slot(seq) == key_slot(fm) == key_slot(history) == key_slot(b"{" + tag + b"}")
 
 
 def test_escaping_is_injective_and_readable() -> None:
