@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from opentelemetry.sdk.trace import TracerProvider
 from starlette.responses import Response
 
 from feature_store.base import FeatureStore
@@ -33,6 +35,7 @@ from service.core.runtime import (
 from service.core.search import Stage1Engine, gpu_available
 from service.errors import install_error_handlers, render_dare_error, store_error, store_error_kind
 from service.impression_log import LogWriter
+from service.loop_lag import LoopLagMonitor
 from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware
 from service.registry import ModelRegistry, require_models
@@ -41,6 +44,7 @@ from service.schemas import DeviceInfo
 from service.scoring import BatchScorer, ScoreBatcher, Scorer
 from service.settings import Settings
 from service.state import STATE_KEY, AppState
+from service.tracing import TraceparentMiddleware, Tracing, telemetry_off
 
 logger = logging.getLogger("dare.service")
 
@@ -147,11 +151,12 @@ async def start_impression_log(
 
 
 @contextlib.asynccontextmanager
-async def build_state(settings: Settings) -> AsyncIterator[AppState]:
+async def build_state(settings: Settings, tracing: Tracing | None = None) -> AsyncIterator[AppState]:
     """Build the AppState; everything acquired is released in reverse order on exit."""
     import onnxruntime as ort
 
     async with contextlib.AsyncExitStack() as stack:
+        tracer = stack.enter_context(tracing.exporting()) if tracing is not None else None
         available = list(ort.get_available_providers())
         preload_cuda_libraries(settings.device, available)
         providers = choose_providers(settings.device, available)
@@ -163,6 +168,9 @@ async def build_state(settings: Settings) -> AsyncIterator[AppState]:
             ort.__version__, ", ".join(providers), settings.device, device.faiss_device,
         )  # fmt: skip
         metrics = Metrics()
+        loop_lag = LoopLagMonitor(metrics.loop_lag)
+        loop_lag.start()
+        stack.push_async_callback(loop_lag.aclose)
         store = open_feature_store(
             settings.redis_dsn,
             cluster=settings.redis_cluster,
@@ -211,6 +219,7 @@ async def build_state(settings: Settings) -> AsyncIterator[AppState]:
             engine=engine,
             feature_timeout_s=settings.feature_timeout_s,
             search_depth=settings.search_depth_of,
+            loop_lag=loop_lag,
         )
         batcher: ScoreBatcher | None = None
         if settings.batch_enabled:
@@ -232,7 +241,14 @@ async def build_state(settings: Settings) -> AsyncIterator[AppState]:
                 await asyncio.gather(watch, return_exceptions=True)
 
             stack.push_async_callback(stop_watch)
-        yield AppState(settings, store, registry, scorer, metrics, device, time.time(), log)
+        # A full garbage collection walks every tracked object, and what start-up leaves (the dataset
+        # loaded, models, every imported library) made one take 0.3-0.6 s in the demo under load:
+        # the event loop and every thread wait meanwhile, past the feature budget (docs/reliability.md,
+        # "Event-loop stalls"). What lives now lives as long as the app; frozen, the collector leaves
+        # it out and walks only what serving allocates.
+        gc.freeze()
+        stack.callback(gc.unfreeze)
+        yield AppState(settings, store, registry, scorer, metrics, device, time.time(), log, tracer)
         logger.info("shutting down")
 
 
@@ -244,13 +260,15 @@ async def feature_store_failed(request: Request, exc: Exception) -> Response:
     return await render_dare_error(request, store_error(exc, state.settings.retry_after_s))
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """The ranker app; `settings` default to the environment (DARE_*)."""
+def create_app(settings: Settings | None = None, *, tracer_provider: TracerProvider | None = None) -> FastAPI:
+    """The ranker app; `settings` default to the environment (DARE_*), tracing to the `OTEL_*`
+    variables (off unless they ask for it) or to `tracer_provider`, which the caller owns."""
     settings = settings if settings is not None else Settings()
+    tracing = Tracing(tracer_provider) if tracer_provider is not None else Tracing.from_env(_version())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        async with build_state(settings) as state:
+        async with build_state(settings, tracing) as state:
             yield {STATE_KEY: state}
 
     app = FastAPI(
@@ -258,6 +276,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Long-sequence recommendation ranker: FAISS behavior search + ONNX Runtime ranking",
         version=_version(),
         lifespan=lifespan,
+        telemetry=tracing.telemetry() if tracing is not None else telemetry_off(),
         # /docs is served from vendored assets by routes.docs (FastAPI's loads them from a CDN).
         docs_url=None,
         redoc_url=None,
@@ -265,6 +284,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_exception_handler(FeatureStoreError, feature_store_failed)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
+    if tracing is not None:
+        app.add_middleware(TraceparentMiddleware)
     for module in (score, events, users, models, health, admin, log, inspector, docs):
         app.include_router(module.router)
     app.mount(docs.STATIC_PATH, docs.static_files(), name="static")

@@ -74,6 +74,28 @@ def train(
         0.5, help="dropout on item-level embeddings (regularizes sparse items)"
     ),
     fm_dropout: float = typer.Option(0.3, help="share of training impressions seen without FM embedding"),
+    fm_vector: bool = typer.Option(
+        True, help="with --fm-bundle, the cached FM user embedding as an input (--no-fm-vector: history only)"
+    ),
+    fm_history: int = typer.Option(
+        0,
+        help="with --fm-bundle: attend over the newest N FM-history entries before each impression (0: off)",
+    ),
+    fm_history_dim: int | None = typer.Option(
+        None, help="the Matryoshka prefix of each entry the ranker reads (default: all the encoder's dims)"
+    ),
+    fm_history_encoding: str = typer.Option("int4", help="how entries are stored: fp32 | int8 | int4"),
+    fm_history_at: str = typer.Option(
+        "impressions", help="entries at each past impression time (impressions) or every N-th event (events)"
+    ),
+    fm_history_stride: int = typer.Option(1, help="with --fm-history-at events: an entry after every N-th"),
+    fm_history_lag: int = typer.Option(0, help="seconds after its time before an entry is readable"),
+    fm_history_dropout: float = typer.Option(
+        0.3, help="share of training impressions seen without their FM-history entries"
+    ),
+    fm_history_encoder: Path | None = typer.Option(
+        None, help="reuse the FM-history encoder of another bundle (or its fm_history_encoder.npz)"
+    ),
     max_train_samples: int | None = typer.Option(None, help="subsample the training split"),
     pretrain: bool = typer.Option(
         True, help="initialise the embedding tables from item vectors learned from the event stream"
@@ -104,6 +126,14 @@ def train(
         raise _fail(f"--model must be dare, coupled or fm, not {model!r}")
     if kind == "fm" and fm_bundle is not None:
         raise _fail("--fm-bundle is an input of dare/coupled, not of fm")
+    if fm_history and fm_bundle is None:
+        raise _fail("--fm-history needs --fm-bundle: the entries are that FM's representations")
+    encodings: dict[str, Literal["fp32", "int8", "int4"]] = {"fp32": "fp32", "int8": "int8", "int4": "int4"}
+    places: dict[str, Literal["impressions", "events"]] = {"impressions": "impressions", "events": "events"}
+    if fm_history_encoding not in encodings or fm_history_at not in places:
+        raise _fail(
+            "--fm-history-encoding must be fp32, int8 or int4 and --fm-history-at impressions or events"
+        )
     torch_threads()
     cfg = TrainConfig(
         data=data,
@@ -127,6 +157,15 @@ def train(
         patience=patience,
         item_dropout=item_dropout,
         fm_dropout=fm_dropout,
+        fm_vector=fm_vector,
+        fm_history=fm_history,
+        fm_history_dim=fm_history_dim,
+        fm_history_encoding=encodings[fm_history_encoding],
+        fm_history_at=places[fm_history_at],
+        fm_history_stride=fm_history_stride,
+        fm_history_lag_s=fm_history_lag,
+        fm_history_dropout=fm_history_dropout,
+        fm_history_encoder=fm_history_encoder,
         max_train_samples=max_train_samples,
         pretrain=pretrain,
         item_vectors=item_vectors,
@@ -203,9 +242,22 @@ def fm_embed(
     namespace: str = typer.Option("dare", envvar="DARE_REDIS_NAMESPACE", help="key prefix"),
     out: Path | None = typer.Option(None, help="write a parquet file instead of Redis"),
     activate: bool = typer.Option(True, help="switch the feature store's active FM version to this one"),
+    history_encoder: Path | None = typer.Option(
+        None,
+        help="also write FM-history entries (Redis only), packed by this encoder: a ranker bundle trained "
+        "with --fm-history, or an fm_history_encoder.npz",
+    ),
+    history_at: str | None = typer.Option(
+        None,
+        help="entries at each past impression (impressions) or after every N-th event (events); "
+        "default: as the bundle was trained, else impressions",
+    ),
+    history_stride: int | None = typer.Option(None, help="with --history-at events: N (default 1)"),
+    history_max_len: int = typer.Option(256, help="FM-history entries the store keeps per user"),
     progress: bool = typer.Option(True),
 ) -> None:
-    """Compute FM user embeddings for every user and store them, tagged with the FM version."""
+    """Compute FM user embeddings for every user and store them, tagged with the FM version; with
+    --history-encoder, each user's FM-history entries too (docs/feature-store.md)."""
     import asyncio
     import time
 
@@ -213,19 +265,36 @@ def fm_embed(
     import pandas as pd
 
     from exporters.bundle import BundleError, load_bundle
+    from exporters.dataset import DatasetError
     from exporters.fm_embed import compute_user_embeddings, write_embeddings_file
+    from exporters.fm_history import DatasetHistory, dataset_history, history_options, load_encoder
     from feature_store.keys import NAMESPACE_PATTERN, is_namespace
 
     if (redis_url is None) == (out is None):
         raise _fail("give exactly one of --redis-url and --out")
     if not is_namespace(namespace):
         raise _fail(f"--namespace must match {NAMESPACE_PATTERN.pattern}, not {namespace!r}")
+    if history_encoder is not None and out is not None:
+        raise _fail("FM-history entries are written to a feature store: give --redis-url")
+    if history_at not in (None, "impressions", "events"):
+        raise _fail(f"--history-at must be impressions or events, not {history_at!r}")
     t0 = time.time()
+    history: DatasetHistory | None = None
     try:
         bundle = load_bundle(fm_bundle)
         events = pd.read_parquet(data / "events.parquet", columns=["user_id", "item_id", "timestamp"])
         emb = compute_user_embeddings(bundle, events, progress=progress)
-    except (BundleError, FileNotFoundError, ValueError) as e:
+        if history_encoder is not None:
+            encoder = load_encoder(history_encoder)
+            at, stride = history_options(history_encoder) or ("impressions", 1)
+            history = dataset_history(
+                bundle,
+                data,
+                encoder,
+                "events" if (history_at or at) == "events" else "impressions",
+                history_stride if history_stride is not None else stride,
+            )
+    except (BundleError, DatasetError, FileNotFoundError, ValueError) as e:
         raise _fail(str(e)) from None
     if out is not None:
         write_embeddings_file(emb, out)
@@ -235,11 +304,20 @@ def fm_embed(
         from feature_store.factory import open_feature_store
 
         async def write() -> None:
-            store = open_feature_store(redis_url, cluster=cluster, timeout_s=10.0, namespace=namespace)
+            store = open_feature_store(
+                redis_url,
+                cluster=cluster,
+                timeout_s=10.0,
+                namespace=namespace,
+                fm_history_max_len=history_max_len,
+            )
             try:
                 await store.write_fm_embeddings(
                     emb.fm_version, emb.user_ids, emb.vectors, written_at=emb.written_at
                 )
+                if history is not None:
+                    # before the switch, as the vectors: the entries of the FM in use until now stay
+                    await store.write_fm_history(emb.fm_version, encoder.version, history.by_user)
                 if activate:
                     await store.set_active_fm_version(emb.fm_version)
             finally:
@@ -247,20 +325,25 @@ def fm_embed(
 
         try:
             asyncio.run(write())
-        except FeatureStoreError as e:
+        except (FeatureStoreError, ValueError) as e:
             raise _fail(f"feature store: {e}") from None
         target = "redis"
-    typer.echo(
-        orjson.dumps(
-            {
-                "fm_version": emb.fm_version,
-                "users": len(emb.user_ids),
-                "dim": int(emb.vectors.shape[1]),
-                "target": target,
-                "seconds": round(time.time() - t0, 2),
-            }
-        ).decode()
-    )
+    summary: dict[str, Any] = {
+        "fm_version": emb.fm_version,
+        "users": len(emb.user_ids),
+        "dim": int(emb.vectors.shape[1]),
+        "target": target,
+        "seconds": round(time.time() - t0, 2),
+    }
+    if history is not None:
+        summary["history"] = {
+            "encoder_version": encoder.version,
+            "encoding": encoder.encoding,
+            "users": len(history.by_user),
+            "entries": history.n_entries,
+            "bytes": history.n_bytes,
+        }
+    typer.echo(orjson.dumps(summary).decode())
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Datasets in the canonical form: synthetic or converted.")
@@ -526,10 +609,15 @@ def serve(
     import uvicorn
 
     from service.app import create_app
+    from service.tracing import TracingConfigError
 
+    try:
+        ranker = create_app(settings)
+    except TracingConfigError as e:
+        raise _fail(f"invalid tracing settings: {e}") from None
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(
-        create_app(settings),
+        ranker,
         host=host,
         port=port,
         workers=1,

@@ -22,6 +22,9 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 CANDIDATE_BUCKETS = (1, 5, 10, 25, 50, 100, 200, 300, 500, 750, 1000, 2000, 5000)
+# Seconds the event loop woke a periodic sleep late: sub-millisecond when healthy, up to stalls
+# longer than the feature budget (250 ms by default).
+LAG_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class _StoreStatsCollector(Collector):
@@ -118,6 +121,15 @@ class Metrics:
             ["stream", "reason"], registry=r,
         )  # fmt: skip
         self.log_queue = Gauge("dare_impression_log_queue", "Log records waiting to be written", registry=r)
+        self.loop_lag = Histogram(
+            "dare_event_loop_lag_seconds", "How late the event loop woke a periodic sleep",
+            buckets=LAG_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.feature_retries = Counter(
+            "dare_feature_read_retries",
+            "Feature reads tried again because the event loop, not the store, used up their budget",
+            registry=r,
+        )  # fmt: skip
 
     def child(self, metric: Counter | Histogram, *values: str) -> Any:
         """`metric.labels(*values)`, kept: `labels` takes a lock and builds its key on every call,

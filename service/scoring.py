@@ -21,12 +21,25 @@ import numpy as np
 from feature_store.base import FeatureStore, FmStatus, UserFeatures
 from feature_store.errors import CorruptFeatureData, FeatureStoreError, FeatureStoreUnavailable
 from service.batching import Batcher
-from service.core.pipeline import ScoredJob, ScoringModel, fm_input, prepare_job, score_jobs
+from service.core.pipeline import (
+    NO_HISTORY,
+    HistoryInput,
+    ScoredJob,
+    ScoringModel,
+    fm_history_input,
+    fm_input,
+    prepare_job,
+    score_jobs,
+)
 from service.core.search import Stage1Engine
 from service.errors import StoreDownAnswer, UndecodableUserAnswer, store_error, store_error_kind
+from service.loop_lag import LoopLagMonitor
 from service.metrics import Metrics
 
 logger = logging.getLogger("dare.service")
+
+# A feature read is tried again when event-loop stalls took at least this share of its budget.
+STALL_SHARE = 0.1
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -52,10 +65,13 @@ class ScoreOutcome:
     unknown_candidates: int
     queue_s: float
     feature_s: float
+    stages_at: float = 0.0  # perf_counter() when the batch's stage 1 began (stage 2 follows it)
+    batch_size: int = 1
+    fm_history: HistoryInput = NO_HISTORY  # the FM-history entries fed, and those left out as stale
 
     @property
     def cold_start(self) -> bool:
-        return self.sequence_length == 0 and not self.fm_used
+        return self.sequence_length == 0 and not self.fm_used and not self.fm_history.used
 
 
 ScoreBatcher = Batcher[ScoringModel, ScoreJob, ScoreOutcome]
@@ -122,6 +138,7 @@ class BatchScorer:
         engine: Stage1Engine | None = None,
         feature_timeout_s: float | None = None,
         search_depth: Callable[[str], int] | None = None,
+        loop_lag: LoopLagMonitor | None = None,
     ) -> None:
         self.store = store
         self.executor = executor
@@ -132,20 +149,19 @@ class BatchScorer:
         self.feature_timeout_s = feature_timeout_s
         # newest stored behaviors read per request of a variant; None: all the store keeps
         self.search_depth = search_depth
+        self.loop_lag = loop_lag
         # set by a feature read that failed for want of the store, cleared by the next one that works
         self.store_failing = False
 
     async def read_features(
         self, model: ScoringModel, user_ids: list[str], budget_s: float | None = None
     ) -> dict[str, UserFeatures | None]:
-        """One round trip for the batch's users; None for a user whose stored data is corrupt."""
+        """One round trip for the batch's users (a second when the event loop stalled through the
+        first); None for a user whose stored data is corrupt."""
         try:
             if budget_s is not None and budget_s <= 0:
                 raise FeatureStoreUnavailable("the feature budget ran out while the store was failing")
-            async with asyncio.timeout(budget_s):
-                users = await self.store.read_users(
-                    user_ids, fm_version=model.fm_version, max_len=self.depth_of(model)
-                )
+            users = await self._read_users(model, user_ids, budget_s)
         except CorruptFeatureData as exc:
             self.store_failing = False
             self.metrics.feature_store_errors.labels("corrupt").inc()
@@ -162,6 +178,46 @@ class BatchScorer:
             raise store_error(exc, self.retry_after_s) from exc
         self.store_failing = False
         return dict(zip(user_ids, users, strict=True))
+
+    async def _read_users(
+        self, model: ScoringModel, user_ids: list[str], budget_s: float | None
+    ) -> list[UserFeatures]:
+        """The store's read within the budget, asked again once if loop stalls took the budget.
+
+        A deadline counts wall time, and wall time passes while the event loop is held elsewhere
+        (a long callback, a garbage-collection pause, the OS not running the thread): a reply that
+        arrived in time sits unread in its socket until the deadline has passed. A store is only
+        unavailable if it had its budget of loop time and did not answer; when stalls took a share
+        of it, the read is tried again with the part of the budget the store did not get.
+        """
+        started = time.perf_counter()
+        depth = self.depth_of(model)
+        history = model.fm_history is not None
+        try:
+            async with asyncio.timeout(budget_s):
+                return await self.store.read_users(
+                    user_ids, fm_version=model.fm_version, max_len=depth, fm_history=history
+                )
+        except (TimeoutError, FeatureStoreUnavailable):
+            retry_s = self._budget_lost_to_stalls(started, budget_s)
+            if retry_s is None:
+                raise
+        self.metrics.feature_retries.inc()
+        async with asyncio.timeout(retry_s):
+            return await self.store.read_users(
+                user_ids, fm_version=model.fm_version, max_len=depth, fm_history=history
+            )
+
+    def _budget_lost_to_stalls(self, started: float, budget_s: float | None) -> float | None:
+        """Seconds of a read's budget that event-loop stalls took since `started`; None when too few
+        to matter (the store had its budget) or when nothing measures the loop."""
+        budget = budget_s if budget_s is not None else self.feature_timeout_s
+        if self.loop_lag is None or budget is None:
+            return None
+        now = time.perf_counter()
+        store_s = (now - started) - self.loop_lag.stalled_between(started, now)
+        lost = budget - max(0.0, store_s)
+        return lost if lost >= STALL_SHARE * budget else None
 
     def depth_of(self, model: ScoringModel) -> int | None:
         """Newest stored behaviors a request of this model reads (None: all the store keeps)."""
@@ -210,13 +266,17 @@ class BatchScorer:
                 results.append(store_error(CorruptFeatureData("corrupt user data"), self.retry_after_s))
                 continue
             vector, status = fm_input(user.fm, model.fm_version, model.fm_dim, self.fm_use_expired)
+            history = fm_history_input(model.fm_history, user.fm_history, job.now)
             seq = user.sequence
-            prep = prepare_job(model, job.candidates, seq.items, seq.timestamps, job.now, vector)
-            prepared.append((len(results), job, user, prep, status))
+            prep = prepare_job(
+                model, job.candidates, seq.items, seq.timestamps, job.now, vector, history.vectors
+            )
+            prepared.append((len(results), job, user, prep, status, history))
             results.append(RuntimeError("not scored"))  # replaced below
         if prepared:
+            stages_at = time.perf_counter()
             scored = score_jobs(model, [p[3] for p in prepared], self.engine)
-            for (slot, job, user, prep, status), s in zip(prepared, scored, strict=True):
+            for (slot, job, user, prep, status, history), s in zip(prepared, scored, strict=True):
                 seq = user.sequence
                 results[slot] = ScoreOutcome(
                     scored=s,
@@ -228,5 +288,8 @@ class BatchScorer:
                     unknown_candidates=prep.unknown_candidates,
                     queue_s=max(0.0, started - job.submitted),
                     feature_s=feature_s,
+                    stages_at=stages_at,
+                    batch_size=len(jobs),
+                    fm_history=history,
                 )
         return results

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from opentelemetry.trace import Tracer
+
 from feature_store.base import FeatureStore
 from service.impression_log import LogWriter
 from service.metrics import Metrics
@@ -25,6 +27,7 @@ class AppState:
     device: DeviceInfo
     started_at: float
     log: LogWriter | None = None  # the impression log, when DARE_IMPRESSION_LOG is on
+    tracer: Tracer | None = None  # OpenTelemetry spans of the stages, when tracing is on
 
 
 STATE_KEY = "dare"

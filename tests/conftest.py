@@ -44,9 +44,9 @@ def redis_url(request: pytest.FixtureRequest) -> Iterator[str]:
 
 @pytest.fixture(autouse=True)
 def _no_dare_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Settings come from the test, never from the developer's DARE_* environment."""
+    """Settings and tracing come from the test, never from the developer's DARE_* or OTEL_* environment."""
     for name in list(os.environ):
-        if name.startswith("DARE_"):
+        if name.startswith(("DARE_", "OTEL_")):
             monkeypatch.delenv(name)
 
 
@@ -112,6 +112,22 @@ def tiny_models(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Ti
     for model in ("dare", "coupled"):
         results[model] = train_tiny(tiny_data, model, base / "root", fm_bundle=Path(fm["bundle"]))
     return TinyModels(tiny_data, base / "root", Path(fm["bundle"]), results)
+
+
+@dataclass(frozen=True)
+class HistoryModel:
+    """A tiny ranker trained with an FM history, and its train() result."""
+
+    bundle: Path
+    result: dict
+
+
+@pytest.fixture(scope="session")
+def tiny_history_model(tiny_models: TinyModels, tmp_path_factory: pytest.TempPathFactory) -> HistoryModel:
+    """`dare` with the cached FM vector and the newest 4 FM-history entries (INT4, all 8 dims)."""
+    root = tmp_path_factory.mktemp("history") / "root"
+    result = train_tiny(tiny_models.data, "dare", root, fm_bundle=tiny_models.fm, fm_history=4)
+    return HistoryModel(Path(result["bundle"]), result)
 
 
 def read_events(data: Path) -> pd.DataFrame:

@@ -93,6 +93,34 @@ def test_compose_file_refers_to_real_things() -> None:
     assert (ROOT / cmd[cmd.index("-f") + 1]).is_file()
 
 
+def test_compose_monitoring_scrapes_the_ranker_and_provisions_grafana() -> None:
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    assert {"prometheus", "grafana"} <= set(services)
+    mounts = {}
+    for name in ("prometheus", "grafana"):
+        for volume in services[name]["volumes"]:
+            host, _, inside = volume.partition(":")
+            if host.startswith("./"):
+                assert (ROOT / host).exists(), f"{name} mounts {host}, which is not in the project"
+                mounts[inside.removesuffix(":ro")] = ROOT / host
+    # Prometheus reads its config and the rules beside it, and scrapes the ranker's published port.
+    config = yaml.safe_load((mounts["/etc/prometheus"] / "prometheus.yml").read_text())
+    assert all((mounts["/etc/prometheus"] / rules).is_file() for rules in config["rule_files"])
+    (job,) = config["scrape_configs"]
+    (target,) = job["static_configs"][0]["targets"]
+    assert target == "ranker:" + services["ranker"]["ports"][0].split(":")[-1]
+    assert job.get("metrics_path", "/metrics") in set(
+        create_app(Settings(bundles=Path("."))).openapi()["paths"]
+    )
+    # Grafana's datasource is that Prometheus; the dashboard folder holds the dashboard its panels use.
+    provisioning = mounts["/etc/grafana/provisioning"]
+    (source,) = yaml.safe_load((provisioning / "datasources/prometheus.yml").read_text())["datasources"]
+    assert source["url"] == "http://prometheus:" + services["prometheus"]["ports"][0].split(":")[-1]
+    (provider,) = yaml.safe_load((provisioning / "dashboards/dare-serve.yml").read_text())["providers"]
+    assert provider["options"]["path"] == "/var/lib/grafana/dashboards"
+    assert (mounts["/var/lib/grafana/dashboards"] / "dare-serve.json").is_file()
+
+
 def test_kubernetes_manifests_probe_real_routes() -> None:
     docs = {p.name: yaml.safe_load(p.read_text()) for p in (ROOT / "deploy" / "k8s").glob("*.yaml")}
     assert set(docs) == {"deployment.yaml", "service.yaml", "hpa.yaml"}

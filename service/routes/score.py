@@ -28,6 +28,7 @@ from service.impression_log import ServedImpression
 from service.schemas import ScoreRequest, ScoreResponse, problem_responses
 from service.scoring import ScoreJob, ScoreOutcome
 from service.state import STATE_KEY, AppState
+from service.tracing import record_score_spans
 
 
 def server_timing(outcome: ScoreOutcome, total_s: float) -> str:
@@ -142,6 +143,8 @@ async def score_candidates(
         submitted=started,
     )
     outcome = await state.scorer.score(model, job)
+    if state.tracer is not None:
+        record_score_spans(state.tracer, model.variant, model.version, job, outcome)
     request_id = request_id_of(request) or ""
     if state.log is not None:
         state.log.offer(
@@ -167,6 +170,12 @@ async def score_candidates(
             "sequence_length": outcome.sequence_length,
             "fm_embedding": outcome.fm.value,
             "cold_start": outcome.cold_start,
+            # only where the variant reads a history, so other variants' answers stay as they were
+            **(
+                {"fm_history": {"entries": outcome.fm_history.used, "stale": outcome.fm_history.stale}}
+                if model.fm_history is not None
+                else {}
+            ),
         },
         "unknown_items": outcome.unknown_candidates,
         "explain": explain_of(body.candidates, outcome) if body.explain else None,
