@@ -5,11 +5,17 @@ for every user -> sequences and embeddings into the feature store (in memory, or
 --redis-url) -> serve both variants 50/50. Every step keeps its output in the work folder and is
 skipped on the next run when its output is already there, so a re-run starts serving in seconds.
 `--smoke` sends real requests to the running server and checks every answer.
+
+The generated data keeps its fixed clock (a year from 2020-09-13), so that a seed names one dataset
+and the bundles trained on it. What the server is given is that history moved forward in one block,
+its newest behavior at start-up (`replay_now`): requests, the inspector and appended events use
+today's clock, and behavior ages (the time buckets of both stages) come out as a live system's would.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import sys
 import threading
@@ -102,6 +108,22 @@ def build(workdir: Path, progress: bool = True) -> DemoBuild:
         write_embeddings_file(compute_user_embeddings(load_bundle(fm), events, progress=progress), emb_file)
         timings["fm_embed"] = time.time() - t0
     return DemoBuild(data, bundles, fm, emb_file, timings)
+
+
+def replay_now(data: Path, out: Path, now: int) -> Path:
+    """`data`'s events moved forward in one block so that the newest lies at `now`, written as
+    `out/events.parquet`; returns `out`, the folder to serve from."""
+    import pandas as pd
+
+    events = pd.read_parquet(data / "events.parquet")
+    # One shift for every user keeps each gap, so the ages a request sees are those the bundles and
+    # the FM embeddings (computed as of the data's end) were built with, not years past all of them.
+    events["timestamp"] += now - int(events["timestamp"].max())
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / "events.parquet.partial"
+    events.to_parquet(partial, index=False)
+    partial.replace(out / "events.parquet")
+    return out
 
 
 def fill_redis(b: DemoBuild, settings: Settings) -> None:
@@ -290,16 +312,14 @@ def banner(base: str, user: str, cands: list[int]) -> str:
     )
 
 
-def run_demo(workdir: Path, host: str, port: int, redis_url: str | None, smoke: bool) -> int:
-    """Build what is missing, fill the feature store, serve; with smoke, check and exit."""
-    import pandas as pd
+def prepare_serving(built: DemoBuild, workdir: Path, redis_url: str | None) -> tuple[DemoBuild, Settings]:
+    """The build with its events replayed up to now (`replay_now`), and the server's settings; with
+    Redis, the store filled."""
     from pydantic import RedisDsn
 
-    from service.app import create_app
     from service.settings import Settings
 
-    t0 = time.time()
-    b = build(workdir)
+    b = dataclasses.replace(built, data=replay_now(built.data, workdir / "replay", int(time.time())))
     # Every other setting (namespace, cluster, store cap) from DARE_* variables, as `serve` takes
     # them; the store is filled with the same settings the server reads with.
     settings = Settings(
@@ -311,6 +331,17 @@ def run_demo(workdir: Path, host: str, port: int, redis_url: str | None, smoke: 
     )
     if settings.redis_url is not None:
         fill_redis(b, settings)
+    return b, settings
+
+
+def run_demo(workdir: Path, host: str, port: int, redis_url: str | None, smoke: bool) -> int:
+    """Build what is missing, fill the feature store, serve; with smoke, check and exit."""
+    import pandas as pd
+
+    from service.app import create_app
+
+    t0 = time.time()
+    b, settings = prepare_serving(build(workdir), workdir, redis_url)
     app = create_app(settings)
     base = f"http://{host}:{port}"
     events = pd.read_parquet(b.data / "events.parquet", columns=["user_id", "item_id"])

@@ -6,11 +6,16 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import redis
 
+from exporters.features import time_buckets
 from service import demo
+from service.app import create_app
 from service.process import free_port
+from tests.service.conftest import TestClient
 
 
 @pytest.fixture()
@@ -72,3 +77,33 @@ def test_demo_on_redis(
     with redis.Redis.from_url(redis_url) as raw:
         assert raw.get(f"{namespace}:fm:active") == b"fm:1"
         assert len(list(raw.scan_iter(match=f"{namespace}:seq:{{*", count=1000))) >= 120
+
+
+def test_demo_serves_the_ages_a_live_system_shows(tiny_demo: None, tmp_path: Path) -> None:
+    work = tmp_path / "demo"
+    built = demo.build(work, progress=False)
+    generated = pd.read_parquet(built.data / "events.parquet")
+    span = int(generated["timestamp"].max() - generated["timestamp"].min())
+    latest = str(generated.loc[generated["timestamp"].idxmax(), "user_id"])
+    history = generated[generated["user_id"] == latest]
+    started = int(time.time())
+    served, settings = demo.prepare_serving(built, work, None)
+    # the generated dataset keeps its clock (same seed, same files): only what is served moves
+    assert pd.read_parquet(built.data / "events.parquet").equals(generated)
+    with TestClient(create_app(settings)) as c:
+        events = c.get(f"/v1/users/{latest}/sequence").json()["events"]
+        body = {"user_id": latest, "candidates": history["item_id"].tail(3).tolist(), "explain": True}
+        r = c.post("/v1/score", json=body, headers={"X-Experiment": "dare"})
+        scored_by = int(time.time()) + 1
+    gaps = np.diff(history["timestamp"].to_numpy())
+    assert len(events) == len(history) and np.diff([e["timestamp"] for e in events]).tolist() == gaps.tolist()
+    assert started <= events[-1]["timestamp"] <= scored_by, "the newest behavior lies at start-up"
+    assert r.status_code == 200, r.text
+    ages = np.array([scored_by - b["timestamp"] for cand in r.json()["explain"] for b in cand["behaviors"]])
+    assert len(ages) > 0 and ages.min() >= 0 and ages.max() <= span + (scored_by - started)
+    # Training saw gaps up to the data's span; at the generator's own clock, today, every behavior
+    # was years old, in buckets no impression of the training data had.
+    buckets = time_buckets(ages)
+    assert buckets.max() <= time_buckets(np.array([span + 60]))[0]
+    stale = started - generated["timestamp"].to_numpy()
+    assert time_buckets(stale).min() > buckets.max()

@@ -12,6 +12,8 @@ from exporters.bundle import load_bundle
 from feature_store.base import MAX_LEN_LIMIT
 from service.app import create_app
 from service.routes.inspector import EXAMPLE_ITEMS, EXAMPLE_USERS
+from service.routes.users import INLINE_EVENTS
+from service.schemas import Event, UserSequence
 from tests.conftest import ServedData, TinyModels
 from tests.redis_proc import RedisProcess
 from tests.service.conftest import SettingsFactory, TestClient, is_problem
@@ -47,6 +49,40 @@ def test_sequence_sees_appended_events_and_odd_user_ids(client: TestClient) -> N
     r = client.get(f"/v1/users/{quote(user, safe='')}/sequence")
     assert r.status_code == 200, r.text
     assert r.json() == {"user_id": user, "sequence_length": 2, "events": events}
+
+
+def test_long_sequence_values_and_bytes(make_settings: SettingsFactory) -> None:
+    # Past the store's cap and past what is serialised on the event loop, so both ways of writing
+    # the answer are checked against what a pydantic response model writes.
+    cap, sent = 25_000, 30_000
+    assert cap > INLINE_EVENTS
+    user = f"long-{uuid.uuid4().hex[:8]}"
+    rng = np.random.default_rng(3)
+    items = rng.integers(0, 2**62, sent, dtype=np.int64)
+    times = 1_700_000_000 + np.arange(sent, dtype=np.int64) * 7
+    with TestClient(create_app(make_settings(store_max_events=cap))) as c:
+        for lo in range(0, sent, 10_000):
+            events = _events((items[lo : lo + 10_000], times[lo : lo + 10_000]))
+            assert c.post("/v1/events", json={"user_id": user, "events": events}).status_code == 200
+        for limit, expected in (
+            (MAX_LEN_LIMIT, cap),
+            (cap - 1, cap - 1),
+            (INLINE_EVENTS, INLINE_EVENTS),
+            (3, 3),
+        ):
+            r = c.get(f"/v1/users/{user}/sequence", params={"limit": limit})
+            assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+            body = r.json()
+            assert body["user_id"] == user and body["sequence_length"] == cap
+            assert len(body["events"]) == expected
+            assert [e["item_id"] for e in body["events"]] == items[-expected:].tolist()
+            assert [e["timestamp"] for e in body["events"]] == times[-expected:].tolist()
+            model = UserSequence(
+                user_id=user,
+                sequence_length=cap,
+                events=[Event(item_id=e["item_id"], timestamp=e["timestamp"]) for e in body["events"]],
+            )
+            assert r.content == model.model_dump_json().encode()
 
 
 def test_sequence_rejects_bad_parameters(client: TestClient, served: ServedData) -> None:
