@@ -405,7 +405,7 @@ def protocol_section(args: argparse.Namespace, work: Path, rows: int) -> list[Ro
                 {
                     "arm": arm,
                     "seed": seed,
-                    "impressions": meta.get("impressions"),
+                    "impressions": meta["counts"]["impressions"],
                     "test_auc": round(line["auc"], 4),
                     "test_gauc": round(line["gauc"], 4),
                     "logloss": round(line["logloss"], 4),
