@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from exporters.models import _MASKED, TwoStageRanker
+from exporters.models import TwoStageRanker, attend
 
 INPUTS = ("candidates", "behaviors", "buckets", "retrieved", "scores", "mask")
 FM_INPUTS = ("fm", "fm_present")
@@ -40,23 +40,6 @@ def item_representations(ranker: TwoStageRanker) -> torch.Tensor:
     with torch.no_grad():
         rows = torch.arange(ranker.cfg.n_items)
         return ranker.repr_item(rows) + ranker.repr_cat(ranker.row_category[rows])
-
-
-def attend(logits: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Softmax weights [..., K] of scaled logits over the slots where mask > 0, the log of their
-    normaliser [..., 1] (0 without any slot) and whether there is a slot [..., 1].
-
-    Softmax and logsumexp written out, sharing one max and one sum of exponentials: ORT's
-    ReduceLogSumExp alone took about 3x its Softmax.
-    """
-    masked = logits.masked_fill(mask <= 0, _MASKED)
-    top = masked.amax(-1, keepdim=True)
-    exp = torch.exp(masked - top)
-    total = exp.sum(-1, keepdim=True)
-    weights = exp / total * mask
-    # as in stage 2: the log of the normaliser keeps how much relevant history there is
-    has_history = (mask.sum(-1, keepdim=True) > 0).to(logits.dtype)
-    return weights, (top + torch.log(total)) * has_history, has_history
 
 
 class Stage2Graph(nn.Module):
